@@ -1,0 +1,50 @@
+# Set-up, build, demo and tests. Every target is idempotent: a second run only redoes what changed.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+BUILD_DIR := build/dev
+VIDFAST_CUDA ?= AUTO
+VIDFAST_CUDA_ARCHS ?= 8.0;9.0a
+APT_PACKAGES := pkg-config ffmpeg libavformat-dev libavcodec-dev libavutil-dev libswscale-dev libffmpeg-nvenc-dev
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test build system venv samples bench clean
+
+demo: build samples
+	$(PY) -m pyvidfast demo
+
+test: build samples
+	$(PY) -m pytest tests
+
+system:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:" $$missing; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
+
+venv: $(VENV)/.requirements.stamp
+
+$(VENV)/.requirements.stamp: requirements.txt
+	[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# Development build: CMake + Ninja write pyvidfast/_C.so into the source tree; Ninja recompiles only what changed.
+build: system venv
+	@start=$$(date +%s); \
+	if [ ! -f $(BUILD_DIR)/build.ninja ]; then \
+	  $(VENV)/bin/cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
+	    -DPython_EXECUTABLE=$(abspath $(PY)) -DVIDFAST_INPLACE=ON \
+	    -DVIDFAST_CUDA=$(VIDFAST_CUDA) "-DVIDFAST_CUDA_ARCHS=$(VIDFAST_CUDA_ARCHS)" || exit 1; \
+	fi; \
+	$(VENV)/bin/cmake --build $(BUILD_DIR) || exit 1; \
+	echo "build: $$(( $$(date +%s) - start )) s"
+
+samples: venv
+	$(PY) -m pyvidfast samples
+
+bench: build samples
+	for b in bench/*.py; do [ "$$b" = bench/common.py ] || $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf build pyvidfast/_C*.so

@@ -1,0 +1,240 @@
+// CPU kernels of rlt_mask and rlt_tokenize: a pass over rows of tokens computes the keep mask from patch
+// distances, a pass over columns gives run lengths, and a pass over rows gathers and normalizes the kept patches.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <vector>
+
+#include "common/nvtx.h"
+#include "rlt/rlt.h"
+
+namespace vidfast::rlt {
+namespace {
+
+// keep[b, t', h', w'] for one row (b, t', h') of tokens, from uint8 [B, T, H, W, 3].
+void keep_row_uint8(const Params& p, const uint8_t* video, int64_t b, int64_t t, int64_t h, bool* keep,
+                    std::vector<int32_t>& acc) {
+  const Grid& g = p.grid;
+  const int64_t row_len = g.width * 3;
+  acc.assign(row_len, 0);
+  // Sum |later - earlier| down the patch rows for the whole image row at once (contiguous, vectorizes).
+  for (int64_t ph = 0; ph < g.patch; ++ph) {
+    const uint8_t* later = video + g.thwc(b, g.later_frame(t), h * g.patch + ph, 0);
+    const uint8_t* earlier = video + g.thwc(b, g.earlier_frame(t), h * g.patch + ph, 0);
+    int32_t* a = acc.data();
+#pragma omp simd
+    for (int64_t i = 0; i < row_len; ++i) a[i] += std::abs(int32_t(later[i]) - int32_t(earlier[i]));
+  }
+  for (int64_t w = 0; w < g.wp; ++w) {
+    int64_t sums[3] = {0, 0, 0};
+    const int32_t* a = acc.data() + w * g.patch * 3;
+    for (int64_t x = 0; x < g.patch; ++x) {
+      sums[0] += a[3 * x];
+      sums[1] += a[3 * x + 1];
+      sums[2] += a[3 * x + 2];
+    }
+    keep[w] = keep_token(t, distance_from_u8_sums(sums, p.inv_std, g.patch), p.threshold);
+  }
+}
+
+// The same from floating [B, 3, T, H, W], already normalized; accumulates in double.
+template <typename scalar_t>
+void keep_row_float(const Params& p, const scalar_t* video, int64_t b, int64_t t, int64_t h, bool* keep,
+                    std::vector<double>& acc) {
+  const Grid& g = p.grid;
+  acc.assign(g.width, 0.0);
+  for (int64_t c = 0; c < 3; ++c) {
+    for (int64_t ph = 0; ph < g.patch; ++ph) {
+      const scalar_t* later = video + g.cthw(b, c, g.later_frame(t), h * g.patch + ph, 0);
+      const scalar_t* earlier = video + g.cthw(b, c, g.earlier_frame(t), h * g.patch + ph, 0);
+      double* a = acc.data();
+#pragma omp simd
+      for (int64_t x = 0; x < g.width; ++x) a[x] += std::abs(double(later[x]) - double(earlier[x]));
+    }
+  }
+  for (int64_t w = 0; w < g.wp; ++w) {
+    double sum = 0.0;
+    for (int64_t x = 0; x < g.patch; ++x) sum += acc[w * g.patch + x];
+    keep[w] = keep_token(t, distance_from_sum(sum, g.patch), p.threshold);
+  }
+}
+
+// Phase 1: the keep mask, one task per row (b, t', h').
+void compute_keep(const Params& p, const at::Tensor& video, bool* keep) {
+  VIDFAST_NVTX_RANGE("rlt/mask");
+  const Grid& g = p.grid;
+  const int64_t rows = g.batch * g.tp * g.hp;
+  auto row_task = [&](auto keep_row, auto* data, auto& acc) {
+    return [&, keep_row, data](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / (g.tp * g.hp), t = (r / g.hp) % g.tp, h = r % g.hp;
+        bool* k = keep + r * g.wp;
+        if (t == 0) {
+          std::fill(k, k + g.wp, true);
+        } else {
+          keep_row(p, data, b, t, h, k, acc);
+        }
+      }
+    };
+  };
+  if (p.is_uint8) {
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> acc;
+      row_task(keep_row_uint8, video.data_ptr<uint8_t>(), acc)(begin, end);
+    });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, video.scalar_type(), "rlt_mask_cpu", [&] {
+      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+        std::vector<double> acc;
+        row_task(keep_row_float<scalar_t>, video.data_ptr<scalar_t>(), acc)(begin, end);
+      });
+    });
+  }
+}
+
+// Phase 2: run lengths, one task per column (b, h', w').
+void compute_lengths(const Grid& g, const bool* keep, int32_t* lengths) {
+  const int64_t plane = g.hp * g.wp;
+  at::parallel_for(0, g.batch * plane, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t col = begin; col < end; ++col) {
+      const int64_t base = (col / plane) * g.tp * plane + col % plane;
+      column_run_lengths(
+          g.tp, [&](int64_t t) { return keep[base + t * plane]; },
+          [&](int64_t t, int32_t len) { lengths[base + t * plane] = len; });
+    }
+  });
+}
+
+std::tuple<Params, at::Tensor, at::Tensor, at::Tensor> mask_and_lengths(
+    const at::Tensor& video_in, int64_t tubelet, int64_t patch, double threshold, at::ArrayRef<double> mean,
+    at::ArrayRef<double> std, std::optional<at::ScalarType> out_dtype) {
+  Params p = check_arguments(video_in, tubelet, patch, threshold, mean, std, out_dtype);
+  const Grid& g = p.grid;
+  at::Tensor video = video_in.contiguous();
+  auto keep = at::empty({g.batch, g.tp, g.hp, g.wp}, video.options().dtype(at::kBool));
+  auto lengths = at::empty({g.batch, g.tp, g.hp, g.wp}, video.options().dtype(at::kInt));
+  if (keep.numel() > 0) {
+    compute_keep(p, video, keep.data_ptr<bool>());
+    compute_lengths(g, keep.data_ptr<bool>(), lengths.data_ptr<int32_t>());
+  }
+  return {p, video, keep, lengths};
+}
+
+std::tuple<at::Tensor, at::Tensor> rlt_mask_cpu(const at::Tensor& video, int64_t tubelet, int64_t patch,
+                                                double threshold, at::ArrayRef<double> mean,
+                                                at::ArrayRef<double> std) {
+  auto [p, contiguous, keep, lengths] = mask_and_lengths(video, tubelet, patch, threshold, mean, std, std::nullopt);
+  return {keep, lengths};
+}
+
+// Copies one kept token's normalized pixels into its [c][dt][ph][pw] patch vector.
+template <typename out_t>
+void gather_token_uint8(const Grid& g, const uint8_t* video, const float (*lut)[256], int64_t b, int64_t t,
+                        int64_t h, int64_t w, out_t* out) {
+  const int64_t pp = g.patch * g.patch, channel_stride = g.tubelet * pp;
+  for (int64_t dt = 0; dt < g.tubelet; ++dt) {
+    for (int64_t ph = 0; ph < g.patch; ++ph) {
+      const uint8_t* src = video + g.thwc(b, t * g.tubelet + dt, h * g.patch + ph, w * g.patch);
+      out_t* dst = out + dt * pp + ph * g.patch;
+      for (int64_t pw = 0; pw < g.patch; ++pw) {
+        dst[pw] = out_t(lut[0][src[3 * pw]]);
+        dst[channel_stride + pw] = out_t(lut[1][src[3 * pw + 1]]);
+        dst[2 * channel_stride + pw] = out_t(lut[2][src[3 * pw + 2]]);
+      }
+    }
+  }
+}
+
+template <typename in_t, typename out_t>
+void gather_token_float(const Grid& g, const in_t* video, int64_t b, int64_t t, int64_t h, int64_t w, out_t* out) {
+  for (int64_t c = 0; c < 3; ++c) {
+    for (int64_t dt = 0; dt < g.tubelet; ++dt) {
+      for (int64_t ph = 0; ph < g.patch; ++ph) {
+        const in_t* src = video + g.cthw(b, c, t * g.tubelet + dt, h * g.patch + ph, w * g.patch);
+        out_t* dst = out + ((c * g.tubelet + dt) * g.patch + ph) * g.patch;
+#pragma omp simd
+        for (int64_t pw = 0; pw < g.patch; ++pw) dst[pw] = out_t(float(src[pw]));
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rlt_tokenize_cpu(
+    const at::Tensor& video_in, int64_t tubelet, int64_t patch, double threshold, at::ArrayRef<double> mean,
+    at::ArrayRef<double> std, std::optional<at::ScalarType> out_dtype) {
+  auto [p, video, keep, lengths] = mask_and_lengths(video_in, tubelet, patch, threshold, mean, std, out_dtype);
+  const Grid& g = p.grid;
+  const int64_t rows = g.batch * g.tp * g.hp;
+  const bool* keep_ptr = keep.data_ptr<bool>();
+  // Output slot of each row's first kept token: an exclusive scan over rows in (b, t', h') raster order.
+  std::vector<int64_t> row_start(rows + 1, 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t count = 0;
+    for (int64_t w = 0; w < g.wp; ++w) count += keep_ptr[r * g.wp + w];
+    row_start[r + 1] = row_start[r] + count;
+  }
+  const int64_t n = row_start[rows];
+  auto options = video.options();
+  auto patches = at::empty({n, g.patch_dim()}, options.dtype(p.out_dtype));
+  auto positions = at::empty({n, 3}, options.dtype(at::kInt));
+  auto token_lengths = at::empty({n}, options.dtype(at::kInt));
+  auto cu_seqlens = at::empty({g.batch + 1}, options.dtype(at::kInt));
+  for (int64_t b = 0; b <= g.batch; ++b) cu_seqlens.data_ptr<int32_t>()[b] = int32_t(row_start[b * g.tp * g.hp]);
+  if (n == 0) return {patches, positions, token_lengths, cu_seqlens};
+
+  VIDFAST_NVTX_RANGE("rlt/gather");
+  float lut[3][256];
+  for (int c = 0; c < 3; ++c)
+    for (int v = 0; v < 256; ++v) lut[c][v] = normalize_u8(v, p.mean[c], p.std[c]);
+  const int32_t* len_ptr = lengths.data_ptr<int32_t>();
+  int32_t* pos_out = positions.data_ptr<int32_t>();
+  int32_t* len_out = token_lengths.data_ptr<int32_t>();
+  const int64_t dim = g.patch_dim();
+  auto gather_rows = [&](auto gather_token, auto* out) {
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / (g.tp * g.hp), t = (r / g.hp) % g.tp, h = r % g.hp;
+        int64_t slot = row_start[r];
+        for (int64_t w = 0; w < g.wp; ++w) {
+          if (!keep_ptr[r * g.wp + w]) continue;
+          pos_out[3 * slot] = int32_t(t);
+          pos_out[3 * slot + 1] = int32_t(h);
+          pos_out[3 * slot + 2] = int32_t(w);
+          len_out[slot] = len_ptr[r * g.wp + w];
+          gather_token(b, t, h, w, out + slot * dim);
+          ++slot;
+        }
+      }
+    });
+  };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.out_dtype, "rlt_tokenize_cpu", [&] {
+    using out_t = scalar_t;
+    out_t* out = patches.data_ptr<out_t>();
+    if (p.is_uint8) {
+      const uint8_t* data = video.data_ptr<uint8_t>();
+      gather_rows([&](int64_t b, int64_t t, int64_t h, int64_t w,
+                      out_t* dst) { gather_token_uint8<out_t>(g, data, lut, b, t, h, w, dst); },
+                  out);
+    } else {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, video.scalar_type(), "rlt_tokenize_cpu_in", [&] {
+        const scalar_t* data = video.data_ptr<scalar_t>();
+        gather_rows([&](int64_t b, int64_t t, int64_t h, int64_t w,
+                        out_t* dst) { gather_token_float<scalar_t, out_t>(g, data, b, t, h, w, dst); },
+                    out);
+      });
+    }
+  });
+  return {patches, positions, token_lengths, cu_seqlens};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vidfast, CPU, m) {
+  m.impl("rlt_mask", &rlt_mask_cpu);
+  m.impl("rlt_tokenize", &rlt_tokenize_cpu);
+}
+
+}  // namespace vidfast::rlt

@@ -1,0 +1,28 @@
+"""Loads the compiled op library (pyvidfast/_C*.so) into torch's dispatcher."""
+
+import json
+from functools import cache
+from pathlib import Path
+
+import torch
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def load_library() -> Path:
+    candidates = sorted(_PACKAGE_DIR.glob("_C*.so"))
+    if not candidates:
+        raise ImportError(
+            f"pyvidfast's compiled library (_C.so) is missing from {_PACKAGE_DIR}. Build it with `make build` in the "
+            "source tree, or install with `pip install --no-build-isolation .`."
+        )
+    torch.ops.load_library(str(candidates[0]))
+    return candidates[0]
+
+
+@cache
+def build_info() -> dict:
+    """What the loaded library was built with: CUDA kernels and architectures, torch version, NVTX."""
+    info = json.loads(torch.ops.vidfast._build_info())
+    info["cuda_archs"] = [a for a in info["cuda_archs"].split(",") if a]
+    return info

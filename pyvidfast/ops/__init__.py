@@ -1,0 +1,5 @@
+"""Python wrappers, fake kernels and autograd formulas of the ``torch.ops.vidfast`` custom ops."""
+
+from pyvidfast.ops.rlt import IMAGENET_MEAN, IMAGENET_STD, PackedTokens, RLTTokenizer, rlt_mask, rlt_tokenize
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PackedTokens", "RLTTokenizer", "rlt_mask", "rlt_tokenize"]
