@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-BUILD_DIR := build/dev
+BUILD_DIR = build/dev-cuda-$(VIDFAST_CUDA)
 VIDFAST_CUDA ?= AUTO
 VIDFAST_CUDA_ARCHS ?= 8.0;9.0a
 APT_PACKAGES := pkg-config ffmpeg libavformat-dev libavcodec-dev libavutil-dev libswscale-dev libffmpeg-nvenc-dev
