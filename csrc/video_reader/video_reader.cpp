@@ -1,0 +1,798 @@
+// An exact, planned frame reader over FFmpeg, exposed as the torch custom class vidfast.VideoReader.
+//
+// Frame i is the i-th frame a full sequential decode outputs. Opening scans every packet of the video stream
+// (no decoding) to count frames and to find the keyframes where decoding may start without changing any later
+// frame. A request is planned: sorted and de-duplicated, decoded forward only, seeking to a keyframe only when it
+// skips packets, converting only requested frames, and (where pts order has been verified) asking the decoder
+// to skip non-reference frames that are not requested.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <string>
+#include <vector>
+
+extern "C" {
+#include <libavcodec/avcodec.h>
+#include <libavformat/avformat.h>
+#include <libavutil/hwcontext.h>
+#include <libavutil/pixdesc.h>
+#include <libswscale/swscale.h>
+}
+
+#include "common/nvtx.h"
+#include "video_reader/convert.h"
+
+namespace vidfast::video_reader {
+namespace {
+
+constexpr int64_t kNoTs = AV_NOPTS_VALUE;
+
+std::string av_error_text(int code) {
+  char buf[AV_ERROR_MAX_STRING_SIZE] = {0};
+  av_strerror(code, buf, sizeof(buf));
+  return buf;
+}
+
+// One demuxed packet of the video stream, in decode order.
+struct PacketInfo {
+  int64_t pts, dts, pos, duration;
+  bool key;
+  bool has_frame;  // false for packets flagged discard and empty packets: a sequential decode outputs no frame
+};
+
+// A packet decoding may start at: `frame` is the index of the first frame it outputs.
+struct SeekPoint {
+  int64_t packet, frame;
+};
+
+// Raised inside a request when decoded timestamps disagree with the scanned pts order, so frames cannot be
+// identified by pts (needed to skip non-reference frames). The request is redone without skipping.
+struct PtsOrderMismatch {};
+
+AVPixelFormat pick_cuda_format(AVCodecContext*, const AVPixelFormat* formats) {
+  for (const AVPixelFormat* f = formats; *f != AV_PIX_FMT_NONE; ++f) {
+    if (*f == AV_PIX_FMT_CUDA) return *f;
+  }
+  for (const AVPixelFormat* f = formats; *f != AV_PIX_FMT_NONE; ++f) {  // NVDEC refused the stream: software
+    if (!(av_pix_fmt_desc_get(*f)->flags & AV_PIX_FMT_FLAG_HWACCEL)) return *f;
+  }
+  return AV_PIX_FMT_NONE;
+}
+
+ColorTransform color_transform_of(const AVFrame* f) {
+  const auto fmt = static_cast<AVPixelFormat>(f->format);
+  if (fmt == AV_PIX_FMT_GBRP) return gbr_to_rgb_transform();
+  const bool full = f->color_range == AVCOL_RANGE_JPEG || fmt == AV_PIX_FMT_YUVJ420P ||
+                    fmt == AV_PIX_FMT_YUVJ422P || fmt == AV_PIX_FMT_YUVJ444P;
+  switch (f->colorspace) {
+    case AVCOL_SPC_BT709:
+      return yuv_to_rgb_transform(0.2126, 0.0722, full);
+    case AVCOL_SPC_BT2020_NCL:
+    case AVCOL_SPC_BT2020_CL:
+      return yuv_to_rgb_transform(0.2627, 0.0593, full);
+    case AVCOL_SPC_SMPTE240M:
+      return yuv_to_rgb_transform(0.212, 0.087, full);
+    case AVCOL_SPC_FCC:
+      return yuv_to_rgb_transform(0.30, 0.11, full);
+    default:  // unspecified, BT.470BG, SMPTE 170M: BT.601, as libswscale assumes
+      return yuv_to_rgb_transform(0.299, 0.114, full);
+  }
+}
+
+// Subsampling of the 8-bit planar / semi-planar formats the kernels read directly; false for the others.
+bool direct_format(AVPixelFormat fmt, int* sub_x, int* sub_y, bool* nv12) {
+  *nv12 = false;
+  switch (fmt) {
+    case AV_PIX_FMT_YUV420P:
+    case AV_PIX_FMT_YUVJ420P:
+      *sub_x = 2, *sub_y = 2;
+      return true;
+    case AV_PIX_FMT_NV12:
+      *sub_x = 2, *sub_y = 2, *nv12 = true;
+      return true;
+    case AV_PIX_FMT_YUV422P:
+    case AV_PIX_FMT_YUVJ422P:
+      *sub_x = 2, *sub_y = 1;
+      return true;
+    case AV_PIX_FMT_YUV444P:
+    case AV_PIX_FMT_YUVJ444P:
+    case AV_PIX_FMT_GBRP:
+      *sub_x = 1, *sub_y = 1;
+      return true;
+    default:
+      return false;
+  }
+}
+
+PictureView picture_view(const AVFrame* f) {
+  int sx, sy;
+  bool nv12;
+  TORCH_CHECK(direct_format(static_cast<AVPixelFormat>(f->format), &sx, &sy, &nv12), "internal: unexpected format");
+  PictureView v{};
+  const float w = static_cast<float>(f->width), h = static_cast<float>(f->height);
+  const int cw = (f->width + sx - 1) / sx, ch = (f->height + sy - 1) / sy;
+  v.planes[0] = {f->data[0], f->linesize[0], 1, f->width, f->height, w, h};
+  if (nv12) {
+    v.planes[1] = {f->data[1], f->linesize[1], 2, cw, ch, w / sx, h / sy};
+    v.planes[2] = {f->data[1] + 1, f->linesize[1], 2, cw, ch, w / sx, h / sy};
+  } else {
+    for (int p = 1; p < 3; ++p) v.planes[p] = {f->data[p], f->linesize[p], 1, cw, ch, w / sx, h / sy};
+  }
+  v.color = color_transform_of(f);
+  return v;
+}
+
+struct FrameDeleter {
+  void operator()(AVFrame* f) const { av_frame_free(&f); }
+};
+using FramePtr = std::unique_ptr<AVFrame, FrameDeleter>;
+
+}  // namespace
+
+class VideoReader : public torch::CustomClassHolder {
+ public:
+  VideoReader(std::string path, int64_t cuda_device, int64_t threads)
+      : path_(std::move(path)), cuda_device_(cuda_device), threads_(threads) {
+    TORCH_CHECK_VALUE(threads >= 0, "threads: expected 0 (automatic) or a positive count; got ", threads);
+    packet_ = av_packet_alloc();
+    frame_ = av_frame_alloc();
+    TORCH_CHECK(packet_ && frame_, "VideoReader: out of memory");
+    try {
+      open_input();
+      scan_packets();
+      open_decoder();
+    } catch (...) {
+      close();
+      throw;
+    }
+  }
+
+  ~VideoReader() override { close(); }
+
+  int64_t num_frames() const { return num_frames_; }
+  int64_t width() const { return stream()->codecpar->width; }
+  int64_t height() const { return stream()->codecpar->height; }
+  std::string codec() const { return avcodec_get_name(stream()->codecpar->codec_id); }
+  std::string pixel_format() const {
+    const char* name = av_get_pix_fmt_name(static_cast<AVPixelFormat>(stream()->codecpar->format));
+    return name ? name : "unknown";
+  }
+  std::string decode_device() const { return cuda_device_ >= 0 && hw_device_ ? "cuda" : "cpu"; }
+  std::vector<int64_t> keyframes() const { return keyframes_; }
+  std::string scan_error() const { return scan_error_; }
+
+  double fps() const {
+    const AVStream* s = stream();
+    for (AVRational r : {s->avg_frame_rate, s->r_frame_rate}) {
+      if (r.num > 0 && r.den > 0) return av_q2d(r);
+    }
+    const double d = duration();
+    return d > 0 ? static_cast<double>(num_frames_) / d : 0.0;
+  }
+
+  // Seconds from the first to the end of the last frame in presentation order.
+  double duration() const {
+    if (frame_keys_.empty() || !keys_known_) return 0.0;
+    const double tb = av_q2d(stream()->time_base);
+    int64_t last_duration = 0;
+    for (const auto& p : packets_) {
+      if (p.has_frame && key_of(p) == frame_keys_.back()) last_duration = p.duration;
+    }
+    return static_cast<double>(frame_keys_.back() - frame_keys_.front() + last_duration) * tb;
+  }
+
+  // Presentation time of every frame in seconds, relative to the first frame.
+  at::Tensor timestamps() const {
+    auto out = at::empty({num_frames_}, at::kDouble);
+    const double tb = av_q2d(stream()->time_base);
+    const double f = fps();
+    for (int64_t i = 0; i < num_frames_; ++i) {
+      out[i] = keys_known_ ? static_cast<double>(frame_keys_[i] - frame_keys_[0]) * tb : (f > 0 ? i / f : 0.0);
+    }
+    return out;
+  }
+
+  at::Tensor get_frames(const at::Tensor& indices, int64_t height, int64_t width, const std::string& layout,
+                        at::ScalarType dtype, std::vector<double> mean, std::vector<double> stdev, bool partial) {
+    VIDFAST_NVTX_RANGE("decode/get_frames");
+    TORCH_CHECK(fmt_ && codec_, "VideoReader: the reader is closed");
+    TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong && indices.dim() == 1,
+                     "indices: expected a 1-D int64 tensor; got ", indices.scalar_type(), " of shape ", indices.sizes());
+    TORCH_CHECK_VALUE(layout == "THWC" || layout == "CTHW", "layout: expected \"THWC\" or \"CTHW\"; got \"", layout,
+                      "\"");
+    TORCH_CHECK_TYPE(dtype == at::kByte || dtype == at::kFloat || dtype == at::kBFloat16,
+                     "dtype: expected torch.uint8, torch.float32 or torch.bfloat16; got ", dtype);
+    if (height == 0 && width == 0) {
+      height = this->height();
+      width = this->width();
+    }
+    TORCH_CHECK_VALUE(height > 0 && width > 0 && height <= 16384 && width <= 16384,
+                      "size: expected (height, width) with both in [1, 16384]; got (", height, ", ", width, ")");
+    const bool normalize = !mean.empty() || !stdev.empty();
+    TORCH_CHECK_VALUE(!normalize || dtype != at::kByte,
+                      "mean/std: normalization needs a floating dtype (torch.float32 or torch.bfloat16), not uint8");
+    TORCH_CHECK_VALUE(!normalize || (mean.size() == 3 && stdev.size() == 3),
+                      "mean/std: expected 3 values each (one per RGB channel); got ", mean.size(), " and ", stdev.size());
+    OutputSpec spec{};
+    spec.height = static_cast<int>(height);
+    spec.width = static_cast<int>(width);
+    spec.dtype = dtype;
+    for (int c = 0; c < 3; ++c) {
+      if (dtype == at::kByte) {
+        spec.norm.scale[c] = 1.0f, spec.norm.bias[c] = 0.0f;
+      } else if (normalize) {
+        TORCH_CHECK_VALUE(std::isfinite(mean[c]), "mean: expected finite values; got ", mean);
+        TORCH_CHECK_VALUE(std::isfinite(stdev[c]) && stdev[c] > 0, "std: expected finite positive values; got ",
+                          stdev);
+        spec.norm.scale[c] = static_cast<float>(1.0 / (255.0 * stdev[c]));
+        spec.norm.bias[c] = static_cast<float>(-mean[c] / stdev[c]);
+      } else {
+        spec.norm.scale[c] = 1.0f / 255.0f, spec.norm.bias[c] = 0.0f;
+      }
+    }
+
+    const auto idx = indices.contiguous();
+    const int64_t n = idx.numel();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK_INDEX(ip[i] >= 0 && ip[i] < num_frames_, "indices: frame ", ip[i], " is out of range for a video of ",
+                        num_frames_, " frames");
+    }
+    const bool on_cuda = cuda_device_ >= 0;
+    const at::Device device = on_cuda ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(cuda_device_)) : at::kCPU;
+    const bool thwc = layout == "THWC";
+    const std::vector<int64_t> shape =
+        thwc ? std::vector<int64_t>{n, height, width, 3} : std::vector<int64_t>{3, n, height, width};
+    Request req;
+    req.out = at::empty(shape, at::TensorOptions().dtype(dtype).device(device));
+    req.frame_dim = thwc ? 0 : 1;
+    spec.stride_c = req.out.stride(thwc ? 3 : 0);
+    spec.stride_y = req.out.stride(thwc ? 1 : 2);
+    spec.stride_x = req.out.stride(thwc ? 2 : 3);
+    req.spec = spec;
+    if (n == 0) return req.out;
+
+    // Plan: requested frames sorted and de-duplicated; each remembers the output slots it fills.
+    std::vector<int64_t> order(n);
+    for (int64_t i = 0; i < n; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ip[a] < ip[b]; });
+    for (int64_t k = 0; k < n; ++k) {
+      if (req.targets.empty() || req.targets.back() != ip[order[k]]) {
+        req.targets.push_back(ip[order[k]]);
+        req.slots.emplace_back();
+      }
+      req.slots.back().push_back(order[k]);
+    }
+    req.wanted.assign(num_frames_, 0);
+    for (int64_t t : req.targets) req.wanted[t] = 1;
+
+    while (true) {
+      try {
+        run_plan(req);
+        break;
+      } catch (const PtsOrderMismatch&) {
+        // This file's decoded order is not its pts order: identify frames by counting from now on.
+        skip_nonref_ = false;
+        positioned_ = false;
+        req.pending.clear();
+        req.missing.clear();
+      }
+    }
+    if (!req.missing.empty()) {
+      TORCH_CHECK(partial, "VideoReader: frame ", req.missing.front(), " of '", path_,
+                  "' could not be decoded (the stream ended or broke after frame ", last_decoded_, "; ",
+                  req.missing.size(), " requested frame(s) missing",
+                  scan_error_.empty() ? "" : ", demuxer error: " + scan_error_,
+                  "). Pass partial=True to get the frames that decode.");
+    }
+    // Duplicated indices: copy the decoded slot into the others.
+    for (size_t j = 0; j < req.targets.size(); ++j) {
+      if (req.failed[j]) continue;
+      for (size_t k = 1; k < req.slots[j].size(); ++k) {
+        req.out.select(req.frame_dim, req.slots[j][k]).copy_(req.out.select(req.frame_dim, req.slots[j][0]));
+      }
+    }
+    if (!req.missing.empty()) {  // partial: keep the slots that decoded, in request order
+      std::vector<int64_t> keep;
+      for (int64_t i = 0; i < n; ++i) {
+        if (!std::binary_search(req.missing.begin(), req.missing.end(), ip[i])) keep.push_back(i);
+      }
+      TORCH_WARN("VideoReader: ", req.missing.size(), " requested frame(s) of '", path_,
+                 "' could not be decoded and are left out of the result");
+      return req.out.index_select(req.frame_dim, at::tensor(keep, at::kLong).to(device));
+    }
+    return req.out;
+  }
+
+  void close() {
+    if (codec_) avcodec_free_context(&codec_);
+    if (fmt_) avformat_close_input(&fmt_);
+    if (hw_device_) av_buffer_unref(&hw_device_);
+    if (packet_) av_packet_free(&packet_);
+    if (frame_) av_frame_free(&frame_);
+    if (sws_) {
+      sws_freeContext(sws_);
+      sws_ = nullptr;
+    }
+    for (auto& t : thread_sws_) sws_freeContext(t.ctx);
+    thread_sws_.clear();
+  }
+
+ private:
+  struct Pending {
+    FramePtr frame;
+    size_t target;
+  };
+  struct Request {
+    at::Tensor out, cpu_staging;
+    int64_t frame_dim = 0;
+    OutputSpec spec{};
+    std::vector<int64_t> targets;
+    std::vector<std::vector<int64_t>> slots;
+    std::vector<uint8_t> wanted;
+    std::vector<Pending> pending;
+    std::vector<int64_t> missing;
+    std::vector<uint8_t> failed;
+  };
+
+  const AVStream* stream() const { return fmt_->streams[stream_index_]; }
+  int64_t key_of(const PacketInfo& p) const { return p.pts != kNoTs ? p.pts : p.dts; }
+
+  void open_input() {
+    int ret = avformat_open_input(&fmt_, path_.c_str(), nullptr, nullptr);
+    TORCH_CHECK_VALUE(ret >= 0, "path: cannot open '", path_, "' as a video: ", av_error_text(ret));
+    ret = avformat_find_stream_info(fmt_, nullptr);
+    TORCH_CHECK_VALUE(ret >= 0, "path: cannot read stream information from '", path_, "': ", av_error_text(ret));
+    ret = av_find_best_stream(fmt_, AVMEDIA_TYPE_VIDEO, -1, -1, nullptr, 0);
+    TORCH_CHECK_VALUE(ret >= 0, "path: '", path_, "' has no video stream");
+    stream_index_ = ret;
+    for (unsigned i = 0; i < fmt_->nb_streams; ++i) {
+      fmt_->streams[i]->discard = static_cast<int>(i) == stream_index_ ? AVDISCARD_DEFAULT : AVDISCARD_ALL;
+    }
+  }
+
+  void scan_packets() {
+    VIDFAST_NVTX_RANGE("decode/scan");
+    int ret;
+    while ((ret = av_read_frame(fmt_, packet_)) >= 0) {
+      if (packet_->stream_index == stream_index_) {
+        const bool has_frame = packet_->size > 0 && !(packet_->flags & AV_PKT_FLAG_DISCARD);
+        packets_.push_back({packet_->pts, packet_->dts, packet_->pos, packet_->duration,
+                            (packet_->flags & AV_PKT_FLAG_KEY) != 0, has_frame});
+      }
+      av_packet_unref(packet_);
+    }
+    if (ret != AVERROR_EOF) scan_error_ = av_error_text(ret);
+
+    // Presentation order: frames sorted by pts (dts where a container gives no pts).
+    keys_known_ = true;
+    std::vector<int64_t> frame_packets;
+    for (size_t d = 0; d < packets_.size(); ++d) {
+      if (!packets_[d].has_frame) continue;
+      frame_packets.push_back(static_cast<int64_t>(d));
+      keys_known_ = keys_known_ && key_of(packets_[d]) != kNoTs;
+    }
+    num_frames_ = static_cast<int64_t>(frame_packets.size());
+    TORCH_CHECK_VALUE(num_frames_ > 0, "path: '", path_, "' has a video stream with no frames",
+                      scan_error_.empty() ? "" : " (" + scan_error_ + ")");
+    if (keys_known_) {
+      std::stable_sort(frame_packets.begin(), frame_packets.end(),
+                       [&](int64_t a, int64_t b) { return key_of(packets_[a]) < key_of(packets_[b]); });
+    }
+    frame_of_packet_.assign(packets_.size(), -1);
+    frame_keys_.resize(num_frames_);
+    bool all_pts = true;
+    for (int64_t i = 0; i < num_frames_; ++i) {
+      const PacketInfo& p = packets_[frame_packets[i]];
+      frame_of_packet_[frame_packets[i]] = i;
+      frame_keys_[i] = key_of(p);
+      all_pts = all_pts && p.pts != kNoTs;
+      if (p.key) keyframes_.push_back(i);
+    }
+    const bool unique_pts = std::adjacent_find(frame_keys_.begin(), frame_keys_.end()) == frame_keys_.end();
+
+    // Seek points: the start, and keyframes before which only earlier frames and after which only later frames
+    // are decoded (closed GOPs), so decoding from there yields exactly the frames of a full decode.
+    seek_points_.push_back({0, 0});
+    if (keys_known_) {
+      const int64_t n = static_cast<int64_t>(packets_.size());
+      std::vector<int64_t> suffix_min(n + 1, std::numeric_limits<int64_t>::max());
+      for (int64_t d = n - 1; d >= 0; --d) {
+        suffix_min[d] = packets_[d].has_frame ? std::min(suffix_min[d + 1], key_of(packets_[d])) : suffix_min[d + 1];
+      }
+      int64_t prefix_max = std::numeric_limits<int64_t>::min(), frames_before = 0;
+      for (int64_t d = 0; d < n; ++d) {
+        const PacketInfo& p = packets_[d];
+        if (d > 0 && p.key && p.has_frame && prefix_max < key_of(p) && suffix_min[d] >= key_of(p) &&
+            (p.dts != kNoTs || p.pts != kNoTs)) {
+          seek_points_.push_back({d, frames_before});
+        }
+        if (p.has_frame) {
+          prefix_max = std::max(prefix_max, key_of(p));
+          ++frames_before;
+        }
+      }
+    }
+    // Skipping non-reference frames identifies decoded frames by pts; the codecs below mark non-reference
+    // pictures in the bitstream, so skipping them changes no other picture.
+    const AVCodecID id = stream()->codecpar->codec_id;
+    const bool codec_ok = id == AV_CODEC_ID_H264 || id == AV_CODEC_ID_HEVC || id == AV_CODEC_ID_MPEG4 ||
+                          id == AV_CODEC_ID_MPEG2VIDEO || id == AV_CODEC_ID_MPEG1VIDEO;
+    skip_nonref_ = keys_known_ && all_pts && unique_pts && codec_ok;
+  }
+
+  void open_decoder() {
+    const AVCodecParameters* par = stream()->codecpar;
+    const AVCodec* decoder = avcodec_find_decoder(par->codec_id);
+    TORCH_CHECK_NOT_IMPLEMENTED(decoder, "VideoReader: no decoder for codec '", avcodec_get_name(par->codec_id),
+                                "' of '", path_, "' in this FFmpeg build");
+    codec_ = avcodec_alloc_context3(decoder);
+    TORCH_CHECK(codec_, "VideoReader: out of memory");
+    int ret = avcodec_parameters_to_context(codec_, par);
+    TORCH_CHECK(ret >= 0, "VideoReader: bad codec parameters in '", path_, "': ", av_error_text(ret));
+    codec_->pkt_timebase = stream()->time_base;
+    codec_->thread_count = static_cast<int>(threads_);
+    codec_->thread_type = FF_THREAD_FRAME | FF_THREAD_SLICE;
+    if (cuda_device_ >= 0) setup_cuda(decoder);
+    ret = avcodec_open2(codec_, decoder, nullptr);
+    TORCH_CHECK_NOT_IMPLEMENTED(ret >= 0, "VideoReader: cannot open the '", decoder->name, "' decoder for '", path_,
+                                "': ", av_error_text(ret));
+  }
+
+  void setup_cuda(const AVCodec* decoder) {
+#if defined(VIDFAST_WITH_CUDA)
+    const auto fmt = static_cast<AVPixelFormat>(stream()->codecpar->format);
+    const bool h264_not_420 = decoder->id == AV_CODEC_ID_H264 && fmt != AV_PIX_FMT_YUV420P &&
+                              fmt != AV_PIX_FMT_YUVJ420P && fmt != AV_PIX_FMT_NONE;
+    if (h264_not_420) {
+      TORCH_WARN("VideoReader: NVDEC cannot decode H.264 ", pixel_format(), " ('", path_,
+                 "'); decoding on the CPU and copying the frames to the GPU");
+      return;
+    }
+    std::string error;
+    hw_device_ = create_cuda_device(static_cast<int>(cuda_device_), &error);
+    if (!hw_device_) {
+      TORCH_WARN("VideoReader: cannot use NVDEC (", error, "); decoding on the CPU and copying the frames to the GPU");
+      return;
+    }
+    codec_->hw_device_ctx = av_buffer_ref(hw_device_);
+    codec_->get_format = pick_cuda_format;
+    codec_->thread_count = 1;  // NVDEC decodes asynchronously itself
+#else
+    (void)decoder;
+    TORCH_CHECK(false, "device: this build of pyvidfast has no CUDA kernels; use device=\"cpu\"");
+#endif
+  }
+
+  // Back to the start without trusting the container's seeking: reopen the file.
+  void reopen() {
+    avformat_close_input(&fmt_);
+    open_input();
+    avcodec_flush_buffers(codec_);
+    next_packet_ = 0;
+    held_packet_ = false;
+    demux_eof_ = false;
+  }
+
+  // Reads the next packet of the video stream into packet_; false at the end (or a read error: truncated file).
+  bool read_packet() {
+    while (true) {
+      const int ret = av_read_frame(fmt_, packet_);
+      if (ret < 0) return false;
+      if (packet_->stream_index == stream_index_) return true;
+      av_packet_unref(packet_);
+    }
+  }
+
+  bool same_packet(const PacketInfo& p) const {
+    return packet_->pts == p.pts && packet_->dts == p.dts && packet_->pos == p.pos;
+  }
+
+  // Positions the demuxer on packet sp.packet (held in packet_) with a flushed decoder.
+  void seek_to(const SeekPoint& sp) {
+    VIDFAST_NVTX_RANGE("decode/seek");
+    avcodec_flush_buffers(codec_);
+    held_packet_ = false;
+    demux_eof_ = false;
+    const PacketInfo& target = packets_[sp.packet];
+    const int64_t ts = target.dts != kNoTs ? target.dts : target.pts;
+    bool found = false;
+    if (ts != kNoTs && av_seek_frame(fmt_, stream_index_, ts, AVSEEK_FLAG_BACKWARD) >= 0) {
+      while (read_packet()) {
+        if (same_packet(target)) {
+          found = true;
+          break;
+        }
+        const bool past = (target.pos >= 0 && packet_->pos > target.pos) ||
+                          (target.dts != kNoTs && packet_->dts != kNoTs && packet_->dts > target.dts);
+        av_packet_unref(packet_);
+        if (past) break;
+      }
+    }
+    if (!found) {  // the container cannot seek there: reopen and walk the packets (demuxing only)
+      reopen();
+      for (int64_t d = 0; d <= sp.packet; ++d) {
+        TORCH_CHECK(read_packet(), "VideoReader: '", path_, "' changed since it was opened");
+        if (d < sp.packet) av_packet_unref(packet_);
+      }
+    }
+    held_packet_ = true;
+    next_packet_ = sp.packet;
+    next_frame_ = sp.frame;
+    sent_skipped_.assign(num_frames_, 0);
+    positioned_ = true;
+  }
+
+  // Decodes until the next frame comes out (in frame_) and returns its index, or -1 at the end of the stream.
+  int64_t next_decoded_frame(const Request& req) {
+    while (true) {
+      int ret = avcodec_receive_frame(codec_, frame_);
+      if (ret == 0) return identify(frame_);
+      if (ret == AVERROR_EOF) {
+        positioned_ = false;
+        return -1;
+      }
+      TORCH_CHECK(ret == AVERROR(EAGAIN), "VideoReader: decoding '", path_, "' failed: ", av_error_text(ret));
+      if (demux_eof_) {
+        positioned_ = false;
+        return -1;
+      }
+      if (!held_packet_ && !read_packet()) {
+        demux_eof_ = true;
+        avcodec_send_packet(codec_, nullptr);  // drain the frames the decoder still holds
+        continue;
+      }
+      held_packet_ = false;
+      const int64_t d = next_packet_++;
+      const bool known = d < static_cast<int64_t>(packets_.size());
+      if (packet_->size == 0) {  // an empty packet would read as "drain"; it carries no picture
+        av_packet_unref(packet_);
+        continue;
+      }
+      const int64_t f = known ? frame_of_packet_[d] : -1;
+      const bool skippable = skip_nonref_ && (f < 0 || !req.wanted[f]);
+      codec_->skip_frame = skippable ? AVDISCARD_NONREF : AVDISCARD_DEFAULT;
+      if (skippable && f >= 0) sent_skipped_[f] = 1;
+      ret = avcodec_send_packet(codec_, packet_);
+      av_packet_unref(packet_);
+      if (ret < 0 && ret != AVERROR(EAGAIN)) ++decode_errors_;  // a corrupt packet: go on, as players do
+    }
+  }
+
+  int64_t identify(const AVFrame* f) {
+    if (!skip_nonref_) return next_frame_++;
+    // Frames are identified by pts; every frame between the last one and this one must have been allowed to be
+    // skipped, else the decoder's order is not the pts order.
+    const auto it = std::lower_bound(frame_keys_.begin(), frame_keys_.end(), f->pts);
+    if (f->pts == kNoTs || it == frame_keys_.end() || *it != f->pts) throw PtsOrderMismatch{};
+    const int64_t i = it - frame_keys_.begin();
+    if (i < next_frame_) throw PtsOrderMismatch{};
+    for (int64_t k = next_frame_; k < i; ++k) {
+      if (!sent_skipped_[k]) throw PtsOrderMismatch{};
+    }
+    next_frame_ = i + 1;
+    return i;
+  }
+
+  SeekPoint seek_point_before(int64_t frame) const {
+    auto it = std::upper_bound(seek_points_.begin(), seek_points_.end(), frame,
+                               [](int64_t f, const SeekPoint& sp) { return f < sp.frame; });
+    return *(it - 1);
+  }
+
+  void run_plan(Request& req) {
+    req.failed.assign(req.targets.size(), 0);
+    for (size_t j = 0; j < req.targets.size(); ++j) {
+      const int64_t t = req.targets[j];
+      const SeekPoint sp = seek_point_before(t);
+      // Seek only forward past packets we would otherwise decode, or when the decoder is behind the target.
+      if (!positioned_ || t < next_frame_ || sp.packet > next_packet_) seek_to(sp);
+      while (true) {
+        const int64_t i = next_decoded_frame(req);
+        if (i < 0) {
+          for (size_t k = j; k < req.targets.size(); ++k) {
+            req.missing.push_back(req.targets[k]);
+            req.failed[k] = 1;
+          }
+          flush_conversions(req);
+          return;
+        }
+        last_decoded_ = i;
+        if (i < t) continue;  // decoded but not requested: never converted
+        if (i > t) {  // only possible when frames are identified by pts
+          TORCH_CHECK(skip_nonref_, "VideoReader: internal error: frame ", t, " was passed over");
+          throw PtsOrderMismatch{};
+        }
+        enqueue_conversion(req, j);
+        break;
+      }
+    }
+    flush_conversions(req);
+  }
+
+  void enqueue_conversion(Request& req, size_t j) {
+    const int64_t offset = req.slots[j][0] * req.out.stride(req.frame_dim);
+#if defined(VIDFAST_WITH_CUDA)
+    if (frame_->format == AV_PIX_FMT_CUDA) {
+      const auto* frames_ctx = reinterpret_cast<const AVHWFramesContext*>(frame_->hw_frames_ctx->data);
+      if (frames_ctx->sw_format == AV_PIX_FMT_NV12) {
+        convert_nv12_cuda(frame_, color_transform_of(frame_), req.spec, req.out, offset);
+        av_frame_unref(frame_);
+        return;
+      }
+    }
+#endif
+    FramePtr f(av_frame_alloc());
+    TORCH_CHECK(f, "VideoReader: out of memory");
+    if (frame_->hw_frames_ctx) {  // a GPU format the CUDA kernel does not read (10-bit): bring it to the host
+      const int ret = av_hwframe_transfer_data(f.get(), frame_, 0);
+      TORCH_CHECK(ret >= 0, "VideoReader: cannot copy a decoded frame to the host: ", av_error_text(ret));
+      av_frame_copy_props(f.get(), frame_);
+      av_frame_unref(frame_);
+    } else {
+      av_frame_move_ref(f.get(), frame_);
+    }
+    int sx, sy;
+    bool nv12;
+    if (!direct_format(static_cast<AVPixelFormat>(f->format), &sx, &sy, &nv12) &&
+        !swscale_path(f.get(), req.spec, req.frame_dim)) {
+      f = to_gbrp(f.get());
+    }
+    req.pending.push_back({std::move(f), j});
+    if (static_cast<int64_t>(req.pending.size()) >= std::max<int64_t>(1, at::get_num_threads())) {
+      flush_conversions(req);
+    }
+  }
+
+  // Pixel formats the kernels do not read directly (10-bit, RGB, palettes, grey) go through libswscale to
+  // planar 8-bit RGB at the native size first.
+  FramePtr to_gbrp(const AVFrame* src) {
+    FramePtr dst(av_frame_alloc());
+    TORCH_CHECK(dst, "VideoReader: out of memory");
+    dst->format = AV_PIX_FMT_GBRP;
+    dst->width = src->width;
+    dst->height = src->height;
+    TORCH_CHECK(av_frame_get_buffer(dst.get(), 0) >= 0, "VideoReader: out of memory");
+    sws_ = sws_getCachedContext(sws_, src->width, src->height, static_cast<AVPixelFormat>(src->format), src->width,
+                                src->height, AV_PIX_FMT_GBRP, SWS_BILINEAR, nullptr, nullptr, nullptr);
+    TORCH_CHECK_NOT_IMPLEMENTED(sws_, "VideoReader: cannot convert pixel format ",
+                                av_get_pix_fmt_name(static_cast<AVPixelFormat>(src->format)));
+    sws_scale(sws_, src->data, src->linesize, 0, src->height, dst->data, dst->linesize);
+    return dst;
+  }
+
+  // libswscale context of one conversion thread, for the native-size uint8 path.
+  struct ThreadSws {
+    SwsContext* ctx = nullptr;
+    int colorspace = -1, full_range = -1;
+  };
+
+  // Native size, uint8, THWC: libswscale's own conversion, bit-exact with what PyAV and most tools return.
+  static bool swscale_path(const AVFrame* f, const OutputSpec& spec, int64_t frame_dim) {
+    return spec.dtype == at::kByte && frame_dim == 0 && f->width == spec.width && f->height == spec.height &&
+           f->format != AV_PIX_FMT_GBRP;
+  }
+
+  void swscale_into(ThreadSws& t, const AVFrame* f, uint8_t* out, int64_t row_stride) {
+    t.ctx = sws_getCachedContext(t.ctx, f->width, f->height, static_cast<AVPixelFormat>(f->format), f->width,
+                                 f->height, AV_PIX_FMT_RGB24, SWS_BILINEAR, nullptr, nullptr, nullptr);
+    TORCH_CHECK(t.ctx, "VideoReader: libswscale cannot convert pixel format ",
+                av_get_pix_fmt_name(static_cast<AVPixelFormat>(f->format)));
+    const int full = f->color_range == AVCOL_RANGE_JPEG ? 1 : 0;
+    const int cs = f->colorspace == AVCOL_SPC_UNSPECIFIED ? SWS_CS_DEFAULT : static_cast<int>(f->colorspace);
+    if (cs != t.colorspace || full != t.full_range) {
+      const int* coefficients = sws_getCoefficients(cs);
+      sws_setColorspaceDetails(t.ctx, coefficients, full, coefficients, 1, 0, 1 << 16, 1 << 16);
+      t.colorspace = cs, t.full_range = full;
+    }
+    uint8_t* dst[4] = {out, nullptr, nullptr, nullptr};
+    int dst_stride[4] = {static_cast<int>(row_stride), 0, 0, 0};
+    sws_scale(t.ctx, f->data, f->linesize, 0, f->height, dst, dst_stride);
+  }
+
+  // Converts the pending frames on the CPU, frames x bands of rows in parallel.
+  void flush_conversions(Request& req) {
+    if (req.pending.empty()) return;
+    VIDFAST_NVTX_RANGE("decode/convert");
+    at::Tensor target = req.out;
+    if (target.is_cuda()) {  // frames decoded in software for a CUDA result: convert on the host, copy later
+      if (!req.cpu_staging.defined()) req.cpu_staging = at::empty_like(req.out, req.out.options().device(at::kCPU));
+      target = req.cpu_staging;
+    }
+    const int64_t frames = static_cast<int64_t>(req.pending.size());
+    const int64_t threads = at::get_num_threads();
+    const int64_t bands = std::max<int64_t>(1, (threads + frames - 1) / frames);
+    const int64_t rows = req.spec.height;
+    const int64_t band_rows = (rows + bands - 1) / bands;
+    std::vector<PictureView> views;
+    std::vector<uint8_t> use_sws;
+    for (const auto& p : req.pending) {
+      use_sws.push_back(swscale_path(p.frame.get(), req.spec, req.frame_dim));
+      views.push_back(use_sws.back() ? PictureView{} : picture_view(p.frame.get()));
+    }
+    if (static_cast<int64_t>(thread_sws_.size()) < threads) thread_sws_.resize(threads);
+    char* base = static_cast<char*>(target.data_ptr());
+    const int64_t elem = target.element_size();
+    const int64_t frame_stride = target.stride(req.frame_dim);
+    at::parallel_for(0, frames * bands, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t f = w / bands, b = w % bands;
+        char* out = base + req.slots[req.pending[f].target][0] * frame_stride * elem;
+        if (use_sws[f]) {
+          if (b == 0) {
+            swscale_into(thread_sws_[at::get_thread_num() % threads], req.pending[f].frame.get(),
+                         reinterpret_cast<uint8_t*>(out), req.spec.stride_y);
+          }
+          continue;
+        }
+        const int r0 = static_cast<int>(std::min(rows, b * band_rows));
+        const int r1 = static_cast<int>(std::min(rows, (b + 1) * band_rows));
+        if (r0 < r1) convert_rows_cpu(views[f], req.spec, out, r0, r1);
+      }
+    });
+    if (target.data_ptr() != req.out.data_ptr()) {
+      for (const auto& p : req.pending) {
+        const int64_t s = req.slots[p.target][0];
+        req.out.select(req.frame_dim, s).copy_(target.select(req.frame_dim, s));
+      }
+    }
+    req.pending.clear();
+  }
+
+  std::string path_;
+  int64_t cuda_device_;
+  int64_t threads_;
+  AVFormatContext* fmt_ = nullptr;
+  AVCodecContext* codec_ = nullptr;
+  AVBufferRef* hw_device_ = nullptr;
+  AVPacket* packet_ = nullptr;
+  AVFrame* frame_ = nullptr;
+  SwsContext* sws_ = nullptr;  // pixel formats the kernels do not read -> GBRP
+  std::vector<ThreadSws> thread_sws_;
+  int stream_index_ = -1;
+
+  // From the scan.
+  std::vector<PacketInfo> packets_;
+  std::vector<int64_t> frame_of_packet_;  // decode order -> frame index (-1: no frame)
+  std::vector<int64_t> frame_keys_;       // frame index -> pts
+  std::vector<int64_t> keyframes_;
+  std::vector<SeekPoint> seek_points_;
+  int64_t num_frames_ = 0;
+  bool keys_known_ = false;
+  bool skip_nonref_ = false;
+  std::string scan_error_;
+
+  // Decoding position.
+  bool positioned_ = false;
+  bool held_packet_ = false;  // packet_ holds the next packet to send
+  bool demux_eof_ = false;
+  int64_t next_packet_ = 0;  // decode index of the next packet to send
+  int64_t next_frame_ = 0;   // index of the next frame the decoder outputs
+  std::vector<uint8_t> sent_skipped_;
+  int64_t last_decoded_ = -1;
+  int64_t decode_errors_ = 0;
+};
+
+TORCH_LIBRARY_FRAGMENT(vidfast, m) {
+  m.class_<VideoReader>("VideoReader")
+      .def(torch::init<std::string, int64_t, int64_t>())
+      .def("num_frames", &VideoReader::num_frames)
+      .def("width", &VideoReader::width)
+      .def("height", &VideoReader::height)
+      .def("fps", &VideoReader::fps)
+      .def("duration", &VideoReader::duration)
+      .def("codec", &VideoReader::codec)
+      .def("pixel_format", &VideoReader::pixel_format)
+      .def("decode_device", &VideoReader::decode_device)
+      .def("keyframes", &VideoReader::keyframes)
+      .def("timestamps", &VideoReader::timestamps)
+      .def("scan_error", &VideoReader::scan_error)
+      .def("get_frames", &VideoReader::get_frames)
+      .def("close", &VideoReader::close);
+}
+
+}  // namespace vidfast::video_reader
