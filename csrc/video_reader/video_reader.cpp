@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -41,6 +42,7 @@ std::string av_error_text(int code) {
 struct PacketInfo {
   int64_t pts, dts, pos, duration;
   bool key;
+  bool safe_start;  // a keyframe decoding can start at (for H.264 / HEVC: an IDR picture)
   bool has_frame;  // false for packets flagged discard and empty packets: a sequential decode outputs no frame
 };
 
@@ -52,6 +54,43 @@ struct SeekPoint {
 // Raised inside a request when decoded timestamps disagree with the scanned pts order, so frames cannot be
 // identified by pts (needed to skip non-reference frames). The request is redone without skipping.
 struct PtsOrderMismatch {};
+
+// Raised when decoding from a seek point does not start with the frame the scan expects there; the seek point is
+// dropped and the request redone.
+struct BadSeekPoint {};
+
+// H.264 / HEVC keyframe flags also mark recovery-point I-frames (open GOPs), after which FFmpeg's decoder may
+// drop or reorder frames; only instantaneous decoder refresh pictures are safe starts. `nal_length` is the size of
+// the length prefix (MP4/Matroska "avcC"/"hvcC" streams) or 0 for Annex B start codes.
+bool has_idr_nal(const uint8_t* data, int size, int nal_length, bool hevc) {
+  auto is_idr = [&](uint8_t header) {
+    const int type = hevc ? (header >> 1) & 0x3f : header & 0x1f;
+    return hevc ? (type == 19 || type == 20) : type == 5;
+  };
+  if (nal_length > 0) {
+    for (int64_t at = 0; at + nal_length < size;) {
+      int64_t len = 0;
+      for (int b = 0; b < nal_length; ++b) len = (len << 8) | data[at + b];
+      at += nal_length;
+      if (len <= 0 || at + len > size) return false;
+      if (is_idr(data[at])) return true;
+      at += len;
+    }
+    return false;
+  }
+  for (int i = 0; i + 3 < size; ++i) {
+    if (data[i] == 0 && data[i + 1] == 0 && data[i + 2] == 1 && is_idr(data[i + 3])) return true;
+  }
+  return false;
+}
+
+// Length-prefix size of H.264 / HEVC packets from the codec's extradata; 0 for Annex B.
+int nal_length_size(const AVCodecParameters* par) {
+  const uint8_t* x = par->extradata;
+  if (par->codec_id == AV_CODEC_ID_H264 && par->extradata_size >= 7 && x[0] == 1) return (x[4] & 3) + 1;
+  if (par->codec_id == AV_CODEC_ID_HEVC && par->extradata_size >= 23 && x[0] == 1) return (x[21] & 3) + 1;
+  return 0;
+}
 
 AVPixelFormat pick_cuda_format(AVCodecContext*, const AVPixelFormat* formats) {
   for (const AVPixelFormat* f = formats; *f != AV_PIX_FMT_NONE; ++f) {
@@ -277,10 +316,14 @@ class VideoReader : public torch::CustomClassHolder {
       } catch (const PtsOrderMismatch&) {
         // This file's decoded order is not its pts order: identify frames by counting from now on.
         skip_nonref_ = false;
-        positioned_ = false;
-        req.pending.clear();
-        req.missing.clear();
+      } catch (const BadSeekPoint&) {
+        seek_points_.erase(std::remove_if(seek_points_.begin(), seek_points_.end(),
+                                          [&](const SeekPoint& sp) { return sp.packet == last_seek_.packet; }),
+                           seek_points_.end());
       }
+      positioned_ = false;
+      req.pending.clear();
+      req.missing.clear();
     }
     if (!req.missing.empty()) {
       TORCH_CHECK(partial, "VideoReader: frame ", req.missing.front(), " of '", path_,
@@ -339,8 +382,12 @@ class VideoReader : public torch::CustomClassHolder {
     std::vector<uint8_t> failed;
   };
 
-  const AVStream* stream() const { return fmt_->streams[stream_index_]; }
-  int64_t key_of(const PacketInfo& p) const { return p.pts != kNoTs ? p.pts : p.dts; }
+  const AVStream* stream() const {
+    TORCH_CHECK(fmt_, "VideoReader: the reader is closed");
+    return fmt_->streams[stream_index_];
+  }
+  // Presentation key of a packet: its pts where the container gives every packet one, else its dts.
+  int64_t key_of(const PacketInfo& p) const { return all_pts_ ? p.pts : p.dts; }
 
   void open_input() {
     int ret = avformat_open_input(&fmt_, path_.c_str(), nullptr, nullptr);
@@ -357,18 +404,26 @@ class VideoReader : public torch::CustomClassHolder {
 
   void scan_packets() {
     VIDFAST_NVTX_RANGE("decode/scan");
+    const AVCodecParameters* par = stream()->codecpar;
+    const bool nal_codec = par->codec_id == AV_CODEC_ID_H264 || par->codec_id == AV_CODEC_ID_HEVC;
+    const int nal_length = nal_length_size(par);
     int ret;
     while ((ret = av_read_frame(fmt_, packet_)) >= 0) {
       if (packet_->stream_index == stream_index_) {
         const bool has_frame = packet_->size > 0 && !(packet_->flags & AV_PKT_FLAG_DISCARD);
-        packets_.push_back({packet_->pts, packet_->dts, packet_->pos, packet_->duration,
-                            (packet_->flags & AV_PKT_FLAG_KEY) != 0, has_frame});
+        const bool key = (packet_->flags & AV_PKT_FLAG_KEY) != 0;
+        const bool safe = key && (!nal_codec || has_idr_nal(packet_->data, packet_->size, nal_length,
+                                                            par->codec_id == AV_CODEC_ID_HEVC));
+        packets_.push_back({packet_->pts, packet_->dts, packet_->pos, packet_->duration, key, safe, has_frame});
       }
       av_packet_unref(packet_);
     }
     if (ret != AVERROR_EOF) scan_error_ = av_error_text(ret);
 
-    // Presentation order: frames sorted by pts (dts where a container gives no pts).
+    // Presentation order: frames sorted by pts. Without a pts on every packet (AVI), frames are taken in decode
+    // order, which is presentation order only for streams without reordering (B-frames).
+    all_pts_ = true;
+    for (const auto& p : packets_) all_pts_ = all_pts_ && (!p.has_frame || p.pts != kNoTs);
     keys_known_ = true;
     std::vector<int64_t> frame_packets;
     for (size_t d = 0; d < packets_.size(); ++d) {
@@ -376,6 +431,7 @@ class VideoReader : public torch::CustomClassHolder {
       frame_packets.push_back(static_cast<int64_t>(d));
       keys_known_ = keys_known_ && key_of(packets_[d]) != kNoTs;
     }
+    const bool order_known = all_pts_ || stream()->codecpar->video_delay == 0;
     num_frames_ = static_cast<int64_t>(frame_packets.size());
     TORCH_CHECK_VALUE(num_frames_ > 0, "path: '", path_, "' has a video stream with no frames",
                       scan_error_.empty() ? "" : " (" + scan_error_ + ")");
@@ -385,12 +441,10 @@ class VideoReader : public torch::CustomClassHolder {
     }
     frame_of_packet_.assign(packets_.size(), -1);
     frame_keys_.resize(num_frames_);
-    bool all_pts = true;
     for (int64_t i = 0; i < num_frames_; ++i) {
       const PacketInfo& p = packets_[frame_packets[i]];
       frame_of_packet_[frame_packets[i]] = i;
       frame_keys_[i] = key_of(p);
-      all_pts = all_pts && p.pts != kNoTs;
       if (p.key) keyframes_.push_back(i);
     }
     const bool unique_pts = std::adjacent_find(frame_keys_.begin(), frame_keys_.end()) == frame_keys_.end();
@@ -398,7 +452,7 @@ class VideoReader : public torch::CustomClassHolder {
     // Seek points: the start, and keyframes before which only earlier frames and after which only later frames
     // are decoded (closed GOPs), so decoding from there yields exactly the frames of a full decode.
     seek_points_.push_back({0, 0});
-    if (keys_known_) {
+    if (keys_known_ && order_known) {
       const int64_t n = static_cast<int64_t>(packets_.size());
       std::vector<int64_t> suffix_min(n + 1, std::numeric_limits<int64_t>::max());
       for (int64_t d = n - 1; d >= 0; --d) {
@@ -407,7 +461,7 @@ class VideoReader : public torch::CustomClassHolder {
       int64_t prefix_max = std::numeric_limits<int64_t>::min(), frames_before = 0;
       for (int64_t d = 0; d < n; ++d) {
         const PacketInfo& p = packets_[d];
-        if (d > 0 && p.key && p.has_frame && prefix_max < key_of(p) && suffix_min[d] >= key_of(p) &&
+        if (d > 0 && p.safe_start && p.has_frame && prefix_max < key_of(p) && suffix_min[d] >= key_of(p) &&
             (p.dts != kNoTs || p.pts != kNoTs)) {
           seek_points_.push_back({d, frames_before});
         }
@@ -422,7 +476,7 @@ class VideoReader : public torch::CustomClassHolder {
     const AVCodecID id = stream()->codecpar->codec_id;
     const bool codec_ok = id == AV_CODEC_ID_H264 || id == AV_CODEC_ID_HEVC || id == AV_CODEC_ID_MPEG4 ||
                           id == AV_CODEC_ID_MPEG2VIDEO || id == AV_CODEC_ID_MPEG1VIDEO;
-    skip_nonref_ = keys_known_ && all_pts && unique_pts && codec_ok;
+    skip_nonref_ = keys_known_ && all_pts_ && unique_pts && codec_ok;
   }
 
   void open_decoder() {
@@ -523,6 +577,8 @@ class VideoReader : public torch::CustomClassHolder {
     held_packet_ = true;
     next_packet_ = sp.packet;
     next_frame_ = sp.frame;
+    verify_next_ = sp.packet > 0;
+    last_seek_ = sp;
     sent_skipped_.assign(num_frames_, 0);
     positioned_ = true;
   }
@@ -536,7 +592,11 @@ class VideoReader : public torch::CustomClassHolder {
         positioned_ = false;
         return -1;
       }
-      TORCH_CHECK(ret == AVERROR(EAGAIN), "VideoReader: decoding '", path_, "' failed: ", av_error_text(ret));
+      if (ret != AVERROR(EAGAIN)) {  // a broken picture (frame threads report it here): skip it, as players do
+        TORCH_CHECK(++decode_errors_ < 10000, "VideoReader: decoding '", path_, "' keeps failing: ",
+                    av_error_text(ret));
+        continue;
+      }
       if (demux_eof_) {
         positioned_ = false;
         return -1;
@@ -564,7 +624,12 @@ class VideoReader : public torch::CustomClassHolder {
   }
 
   int64_t identify(const AVFrame* f) {
-    if (!skip_nonref_) return next_frame_++;
+    if (!skip_nonref_) {
+      // The first frame after a seek must be the one the scan expects there (pts being known).
+      if (verify_next_ && all_pts_ && f->pts != frame_keys_[next_frame_]) throw BadSeekPoint{};
+      verify_next_ = false;
+      return next_frame_++;
+    }
     // Frames are identified by pts; every frame between the last one and this one must have been allowed to be
     // skipped, else the decoder's order is not the pts order.
     const auto it = std::lower_bound(frame_keys_.begin(), frame_keys_.end(), f->pts);
@@ -669,6 +734,7 @@ class VideoReader : public torch::CustomClassHolder {
   struct ThreadSws {
     SwsContext* ctx = nullptr;
     int colorspace = -1, full_range = -1;
+    std::vector<uint8_t> padded;  // for widths libswscale's SIMD converters would leave a tail of
   };
 
   // Native size, uint8, THWC: libswscale's own conversion, bit-exact with what PyAV and most tools return.
@@ -689,9 +755,19 @@ class VideoReader : public torch::CustomClassHolder {
       sws_setColorspaceDetails(t.ctx, coefficients, full, coefficients, 1, 0, 1 << 16, 1 << 16);
       t.colorspace = cs, t.full_range = full;
     }
-    uint8_t* dst[4] = {out, nullptr, nullptr, nullptr};
-    int dst_stride[4] = {static_cast<int>(row_stride), 0, 0, 0};
+    // libswscale's x86 converters work in blocks of 16 pixels and skip the tail when the destination rows are
+    // not padded to a block: convert into padded rows then.
+    const int64_t padded_stride = ((f->width + 31) / 32) * 32 * 3;
+    const bool direct = f->width % 32 == 0;
+    if (!direct) t.padded.resize(static_cast<size_t>(padded_stride) * f->height);
+    uint8_t* dst[4] = {direct ? out : t.padded.data(), nullptr, nullptr, nullptr};
+    int dst_stride[4] = {static_cast<int>(direct ? row_stride : padded_stride), 0, 0, 0};
     sws_scale(t.ctx, f->data, f->linesize, 0, f->height, dst, dst_stride);
+    if (!direct) {
+      for (int y = 0; y < f->height; ++y) {
+        std::memcpy(out + y * row_stride, t.padded.data() + y * padded_stride, static_cast<size_t>(f->width) * 3);
+      }
+    }
   }
 
   // Converts the pending frames on the CPU, frames x bands of rows in parallel.
@@ -763,6 +839,7 @@ class VideoReader : public torch::CustomClassHolder {
   std::vector<SeekPoint> seek_points_;
   int64_t num_frames_ = 0;
   bool keys_known_ = false;
+  bool all_pts_ = false;
   bool skip_nonref_ = false;
   std::string scan_error_;
 
@@ -773,6 +850,8 @@ class VideoReader : public torch::CustomClassHolder {
   int64_t next_packet_ = 0;  // decode index of the next packet to send
   int64_t next_frame_ = 0;   // index of the next frame the decoder outputs
   std::vector<uint8_t> sent_skipped_;
+  bool verify_next_ = false;
+  SeekPoint last_seek_{0, 0};
   int64_t last_decoded_ = -1;
   int64_t decode_errors_ = 0;
 };
