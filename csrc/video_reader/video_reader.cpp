@@ -11,6 +11,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <exception>
+#include <memory>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -170,6 +172,71 @@ struct FrameDeleter {
 };
 using FramePtr = std::unique_ptr<AVFrame, FrameDeleter>;
 
+struct SwsDeleter {
+  void operator()(SwsContext* c) const { sws_freeContext(c); }
+};
+
+// libswscale state of one conversion thread, for the native-size uint8 path.
+struct ThreadSws {
+  std::unique_ptr<SwsContext, SwsDeleter> ctx;
+  int colorspace = -1, full_range = -1;
+  std::vector<uint8_t> padded;  // for widths libswscale's SIMD converters would leave a tail of
+};
+
+// One demuxer + decoder over the file, and where it stands.
+struct Decoder {
+  AVFormatContext* fmt = nullptr;
+  AVCodecContext* codec = nullptr;
+  AVPacket* packet = nullptr;
+  AVFrame* frame = nullptr;
+  SwsContext* sws = nullptr;  // pixel formats the kernels do not read -> GBRP
+  bool positioned = false;    // next_packet / next_frame are valid
+  bool held_packet = false;   // packet holds the next packet to send
+  bool demux_eof = false;
+  bool verify_next = false;   // check the first frame after a seek
+  int64_t next_packet = 0;    // decode index of the next packet to send
+  int64_t next_frame = 0;     // index of the next frame the decoder outputs
+  int64_t last_decoded = -1;
+  int64_t decode_errors = 0;
+  std::vector<uint8_t> sent_skipped;  // frames whose packets were sent with AVDISCARD_NONREF since the last seek
+  SeekPoint last_seek{0, 0};
+
+  Decoder() {
+    packet = av_packet_alloc();
+    frame = av_frame_alloc();
+    TORCH_CHECK(packet && frame, "VideoReader: out of memory");
+  }
+  Decoder(const Decoder&) = delete;
+  Decoder& operator=(const Decoder&) = delete;
+  ~Decoder() { close(); }
+  void close() {
+    if (codec) avcodec_free_context(&codec);
+    if (fmt) avformat_close_input(&fmt);
+    if (packet) av_packet_free(&packet);
+    if (frame) av_frame_free(&frame);
+    if (sws) sws_freeContext(sws);
+    sws = nullptr;
+  }
+};
+
+struct Pending {
+  FramePtr frame;
+  size_t target;
+};
+
+// The part of a request one decoder handles.
+struct Work {
+  std::vector<size_t> targets;  // positions in Request::targets, ascending
+  std::vector<Pending> pending;
+  std::vector<int64_t> missing;
+  int64_t batch = 1;    // frames converted together
+  bool serial = false;  // convert on the calling thread (decoders run in parallel)
+  ThreadSws sws;
+  int failure = 0;  // 1: decoded order is not pts order, 2: bad seek point
+  SeekPoint bad_seek{0, 0};
+  std::exception_ptr error;
+};
+
 }  // namespace
 
 class VideoReader : public torch::CustomClassHolder {
@@ -177,13 +244,10 @@ class VideoReader : public torch::CustomClassHolder {
   VideoReader(std::string path, int64_t cuda_device, int64_t threads)
       : path_(std::move(path)), cuda_device_(cuda_device), threads_(threads) {
     TORCH_CHECK_VALUE(threads >= 0, "threads: expected 0 (automatic) or a positive count; got ", threads);
-    packet_ = av_packet_alloc();
-    frame_ = av_frame_alloc();
-    TORCH_CHECK(packet_ && frame_, "VideoReader: out of memory");
     try {
-      open_input();
-      scan_packets();
-      open_decoder();
+      open_input(main_);
+      scan_packets(main_);
+      open_decoder(main_, static_cast<int>(threads_), cuda_device_ >= 0);
     } catch (...) {
       close();
       throw;
@@ -238,7 +302,7 @@ class VideoReader : public torch::CustomClassHolder {
   at::Tensor get_frames(const at::Tensor& indices, int64_t height, int64_t width, const std::string& layout,
                         at::ScalarType dtype, std::vector<double> mean, std::vector<double> stdev, bool partial) {
     VIDFAST_NVTX_RANGE("decode/get_frames");
-    TORCH_CHECK(fmt_ && codec_, "VideoReader: the reader is closed");
+    TORCH_CHECK(main_.fmt && main_.codec, "VideoReader: the reader is closed");
     TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong && indices.dim() == 1,
                      "indices: expected a 1-D int64 tensor; got ", indices.scalar_type(), " of shape ", indices.sizes());
     TORCH_CHECK_VALUE(layout == "THWC" || layout == "CTHW", "layout: expected \"THWC\" or \"CTHW\"; got \"", layout,
@@ -309,42 +373,26 @@ class VideoReader : public torch::CustomClassHolder {
     req.wanted.assign(num_frames_, 0);
     for (int64_t t : req.targets) req.wanted[t] = 1;
 
-    while (true) {
-      try {
-        run_plan(req);
-        break;
-      } catch (const PtsOrderMismatch&) {
-        // This file's decoded order is not its pts order: identify frames by counting from now on.
-        skip_nonref_ = false;
-      } catch (const BadSeekPoint&) {
-        seek_points_.erase(std::remove_if(seek_points_.begin(), seek_points_.end(),
-                                          [&](const SeekPoint& sp) { return sp.packet == last_seek_.packet; }),
-                           seek_points_.end());
-      }
-      positioned_ = false;
-      req.pending.clear();
-      req.missing.clear();
-    }
-    if (!req.missing.empty()) {
-      TORCH_CHECK(partial, "VideoReader: frame ", req.missing.front(), " of '", path_,
-                  "' could not be decoded (the stream ended or broke after frame ", last_decoded_, "; ",
-                  req.missing.size(), " requested frame(s) missing",
-                  scan_error_.empty() ? "" : ", demuxer error: " + scan_error_,
+    const std::vector<int64_t> missing = decode_request(req);
+    if (!missing.empty()) {
+      TORCH_CHECK(partial, "VideoReader: frame ", missing.front(), " of '", path_,
+                  "' could not be decoded: the stream ended or broke before it (", missing.size(),
+                  " requested frame(s) missing", scan_error_.empty() ? "" : ", demuxer error: " + scan_error_,
                   "). Pass partial=True to get the frames that decode.");
     }
     // Duplicated indices: copy the decoded slot into the others.
     for (size_t j = 0; j < req.targets.size(); ++j) {
-      if (req.failed[j]) continue;
+      if (std::binary_search(missing.begin(), missing.end(), req.targets[j])) continue;
       for (size_t k = 1; k < req.slots[j].size(); ++k) {
         req.out.select(req.frame_dim, req.slots[j][k]).copy_(req.out.select(req.frame_dim, req.slots[j][0]));
       }
     }
-    if (!req.missing.empty()) {  // partial: keep the slots that decoded, in request order
+    if (!missing.empty()) {  // partial: keep the slots that decoded, in request order
       std::vector<int64_t> keep;
       for (int64_t i = 0; i < n; ++i) {
-        if (!std::binary_search(req.missing.begin(), req.missing.end(), ip[i])) keep.push_back(i);
+        if (!std::binary_search(missing.begin(), missing.end(), ip[i])) keep.push_back(i);
       }
-      TORCH_WARN("VideoReader: ", req.missing.size(), " requested frame(s) of '", path_,
+      TORCH_WARN("VideoReader: ", missing.size(), " requested frame(s) of '", path_,
                  "' could not be decoded and are left out of the result");
       return req.out.index_select(req.frame_dim, at::tensor(keep, at::kLong).to(device));
     }
@@ -352,71 +400,136 @@ class VideoReader : public torch::CustomClassHolder {
   }
 
   void close() {
-    if (codec_) avcodec_free_context(&codec_);
-    if (fmt_) avformat_close_input(&fmt_);
+    main_.close();
+    workers_.clear();
     if (hw_device_) av_buffer_unref(&hw_device_);
-    if (packet_) av_packet_free(&packet_);
-    if (frame_) av_frame_free(&frame_);
-    if (sws_) {
-      sws_freeContext(sws_);
-      sws_ = nullptr;
-    }
-    for (auto& t : thread_sws_) sws_freeContext(t.ctx);
     thread_sws_.clear();
   }
 
  private:
-  struct Pending {
-    FramePtr frame;
-    size_t target;
-  };
   struct Request {
     at::Tensor out, cpu_staging;
     int64_t frame_dim = 0;
     OutputSpec spec{};
-    std::vector<int64_t> targets;
-    std::vector<std::vector<int64_t>> slots;
-    std::vector<uint8_t> wanted;
-    std::vector<Pending> pending;
-    std::vector<int64_t> missing;
-    std::vector<uint8_t> failed;
+    std::vector<int64_t> targets;             // sorted, unique
+    std::vector<std::vector<int64_t>> slots;  // output positions of each target
+    std::vector<uint8_t> wanted;              // per frame of the video
   };
 
+  // Decodes every target of the request; returns the frames that could not be decoded (sorted). Targets are cut
+  // into runs that start decoding at the same seek point; with several runs and threads to spare, contiguous
+  // groups of runs go to separate single-threaded decoders working in parallel (codecs without frame threads,
+  // such as MPEG-4 part 2, gain the most), else one decoder with FFmpeg's own threads takes them all.
+  std::vector<int64_t> decode_request(Request& req) {
+    const int64_t torch_threads = at::get_num_threads();
+    if (static_cast<int64_t>(thread_sws_.size()) < torch_threads) thread_sws_.resize(torch_threads);
+    while (true) {
+      std::vector<std::pair<size_t, int64_t>> runs;  // (first target position, frames to decode)
+      for (size_t j = 0; j < req.targets.size(); ++j) {
+        const SeekPoint sp = seek_point_before(req.targets[j]);
+        if (j == 0 || sp.frame != seek_point_before(req.targets[j - 1]).frame) runs.push_back({j, 0});
+        runs.back().second = req.targets[j] - sp.frame + 1;
+      }
+      const int64_t threads = threads_ > 0 ? std::min(threads_, torch_threads) : torch_threads;
+      const int64_t parallel = cuda_device_ >= 0 ? 1 : std::min<int64_t>(threads, runs.size());
+      std::vector<Work> works(parallel);
+      if (parallel == 1) {
+        for (size_t j = 0; j < req.targets.size(); ++j) works[0].targets.push_back(j);
+        works[0].batch = torch_threads;
+        run_work(main_, req, works[0]);
+      } else {
+        int64_t total = 0;
+        for (const auto& r : runs) total += r.second;
+        int64_t done = 0;
+        for (size_t r = 0; r < runs.size(); ++r) {
+          const int64_t k = std::min<int64_t>(parallel - 1, done * parallel / std::max<int64_t>(total, 1));
+          const size_t end = r + 1 < runs.size() ? runs[r + 1].first : req.targets.size();
+          for (size_t j = runs[r].first; j < end; ++j) works[k].targets.push_back(j);
+          done += runs[r].second;
+        }
+        while (static_cast<int64_t>(workers_.size()) < parallel) {
+          auto d = std::make_unique<Decoder>();
+          open_input(*d);
+          open_decoder(*d, 1, false);
+          workers_.push_back(std::move(d));
+        }
+        for (auto& w : works) w.serial = true;
+        at::parallel_for(0, parallel, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t k = begin; k < end; ++k) run_work(*workers_[k], req, works[k]);
+        });
+      }
+      bool retry = false;
+      for (auto& w : works) {
+        if (w.error) std::rethrow_exception(w.error);
+        if (w.failure == 1) skip_nonref_ = false;  // identify frames by counting from now on
+        if (w.failure == 2) {
+          seek_points_.erase(std::remove_if(seek_points_.begin(), seek_points_.end(),
+                                            [&](const SeekPoint& sp) { return sp.packet == w.bad_seek.packet; }),
+                             seek_points_.end());
+        }
+        retry = retry || w.failure != 0;
+      }
+      if (retry) {
+        main_.positioned = false;
+        for (auto& d : workers_) d->positioned = false;
+        continue;
+      }
+      std::vector<int64_t> missing;
+      for (auto& w : works) missing.insert(missing.end(), w.missing.begin(), w.missing.end());
+      std::sort(missing.begin(), missing.end());
+      return missing;
+    }
+  }
+
+  void run_work(Decoder& d, Request& req, Work& w) {
+    try {
+      run_plan(d, req, w);
+    } catch (const PtsOrderMismatch&) {
+      w.failure = 1;
+    } catch (const BadSeekPoint&) {
+      w.failure = 2;
+      w.bad_seek = d.last_seek;
+    } catch (...) {
+      w.error = std::current_exception();
+    }
+    if (w.failure || w.error) w.pending.clear();
+  }
+
   const AVStream* stream() const {
-    TORCH_CHECK(fmt_, "VideoReader: the reader is closed");
-    return fmt_->streams[stream_index_];
+    TORCH_CHECK(main_.fmt, "VideoReader: the reader is closed");
+    return main_.fmt->streams[stream_index_];
   }
   // Presentation key of a packet: its pts where the container gives every packet one, else its dts.
   int64_t key_of(const PacketInfo& p) const { return all_pts_ ? p.pts : p.dts; }
 
-  void open_input() {
-    int ret = avformat_open_input(&fmt_, path_.c_str(), nullptr, nullptr);
+  void open_input(Decoder& d) {
+    int ret = avformat_open_input(&d.fmt, path_.c_str(), nullptr, nullptr);
     TORCH_CHECK_VALUE(ret >= 0, "path: cannot open '", path_, "' as a video: ", av_error_text(ret));
-    ret = avformat_find_stream_info(fmt_, nullptr);
+    ret = avformat_find_stream_info(d.fmt, nullptr);
     TORCH_CHECK_VALUE(ret >= 0, "path: cannot read stream information from '", path_, "': ", av_error_text(ret));
-    ret = av_find_best_stream(fmt_, AVMEDIA_TYPE_VIDEO, -1, -1, nullptr, 0);
+    ret = av_find_best_stream(d.fmt, AVMEDIA_TYPE_VIDEO, -1, -1, nullptr, 0);
     TORCH_CHECK_VALUE(ret >= 0, "path: '", path_, "' has no video stream");
     stream_index_ = ret;
-    for (unsigned i = 0; i < fmt_->nb_streams; ++i) {
-      fmt_->streams[i]->discard = static_cast<int>(i) == stream_index_ ? AVDISCARD_DEFAULT : AVDISCARD_ALL;
+    for (unsigned i = 0; i < d.fmt->nb_streams; ++i) {
+      d.fmt->streams[i]->discard = static_cast<int>(i) == stream_index_ ? AVDISCARD_DEFAULT : AVDISCARD_ALL;
     }
   }
 
-  void scan_packets() {
+  void scan_packets(Decoder& d) {
     VIDFAST_NVTX_RANGE("decode/scan");
     const AVCodecParameters* par = stream()->codecpar;
     const bool nal_codec = par->codec_id == AV_CODEC_ID_H264 || par->codec_id == AV_CODEC_ID_HEVC;
     const int nal_length = nal_length_size(par);
     int ret;
-    while ((ret = av_read_frame(fmt_, packet_)) >= 0) {
-      if (packet_->stream_index == stream_index_) {
-        const bool has_frame = packet_->size > 0 && !(packet_->flags & AV_PKT_FLAG_DISCARD);
-        const bool key = (packet_->flags & AV_PKT_FLAG_KEY) != 0;
-        const bool safe = key && (!nal_codec || has_idr_nal(packet_->data, packet_->size, nal_length,
+    while ((ret = av_read_frame(d.fmt, d.packet)) >= 0) {
+      if (d.packet->stream_index == stream_index_) {
+        const bool has_frame = d.packet->size > 0 && !(d.packet->flags & AV_PKT_FLAG_DISCARD);
+        const bool key = (d.packet->flags & AV_PKT_FLAG_KEY) != 0;
+        const bool safe = key && (!nal_codec || has_idr_nal(d.packet->data, d.packet->size, nal_length,
                                                             par->codec_id == AV_CODEC_ID_HEVC));
-        packets_.push_back({packet_->pts, packet_->dts, packet_->pos, packet_->duration, key, safe, has_frame});
+        packets_.push_back({d.packet->pts, d.packet->dts, d.packet->pos, d.packet->duration, key, safe, has_frame});
       }
-      av_packet_unref(packet_);
+      av_packet_unref(d.packet);
     }
     if (ret != AVERROR_EOF) scan_error_ = av_error_text(ret);
 
@@ -479,25 +592,25 @@ class VideoReader : public torch::CustomClassHolder {
     skip_nonref_ = keys_known_ && all_pts_ && unique_pts && codec_ok;
   }
 
-  void open_decoder() {
+  void open_decoder(Decoder& d, int threads, bool cuda) {
     const AVCodecParameters* par = stream()->codecpar;
     const AVCodec* decoder = avcodec_find_decoder(par->codec_id);
     TORCH_CHECK_NOT_IMPLEMENTED(decoder, "VideoReader: no decoder for codec '", avcodec_get_name(par->codec_id),
                                 "' of '", path_, "' in this FFmpeg build");
-    codec_ = avcodec_alloc_context3(decoder);
-    TORCH_CHECK(codec_, "VideoReader: out of memory");
-    int ret = avcodec_parameters_to_context(codec_, par);
+    d.codec = avcodec_alloc_context3(decoder);
+    TORCH_CHECK(d.codec, "VideoReader: out of memory");
+    int ret = avcodec_parameters_to_context(d.codec, par);
     TORCH_CHECK(ret >= 0, "VideoReader: bad codec parameters in '", path_, "': ", av_error_text(ret));
-    codec_->pkt_timebase = stream()->time_base;
-    codec_->thread_count = static_cast<int>(threads_);
-    codec_->thread_type = FF_THREAD_FRAME | FF_THREAD_SLICE;
-    if (cuda_device_ >= 0) setup_cuda(decoder);
-    ret = avcodec_open2(codec_, decoder, nullptr);
+    d.codec->pkt_timebase = stream()->time_base;
+    d.codec->thread_count = threads;
+    d.codec->thread_type = FF_THREAD_FRAME | FF_THREAD_SLICE;
+    if (cuda) setup_cuda(d, decoder);
+    ret = avcodec_open2(d.codec, decoder, nullptr);
     TORCH_CHECK_NOT_IMPLEMENTED(ret >= 0, "VideoReader: cannot open the '", decoder->name, "' decoder for '", path_,
                                 "': ", av_error_text(ret));
   }
 
-  void setup_cuda(const AVCodec* decoder) {
+  void setup_cuda(Decoder& d, const AVCodec* decoder) {
 #if defined(VIDFAST_WITH_CUDA)
     const auto fmt = static_cast<AVPixelFormat>(stream()->codecpar->format);
     const bool h264_not_420 = decoder->id == AV_CODEC_ID_H264 && fmt != AV_PIX_FMT_YUV420P &&
@@ -513,9 +626,9 @@ class VideoReader : public torch::CustomClassHolder {
       TORCH_WARN("VideoReader: cannot use NVDEC (", error, "); decoding on the CPU and copying the frames to the GPU");
       return;
     }
-    codec_->hw_device_ctx = av_buffer_ref(hw_device_);
-    codec_->get_format = pick_cuda_format;
-    codec_->thread_count = 1;  // NVDEC decodes asynchronously itself
+    d.codec->hw_device_ctx = av_buffer_ref(hw_device_);
+    d.codec->get_format = pick_cuda_format;
+    d.codec->thread_count = 1;  // NVDEC decodes asynchronously itself
 #else
     (void)decoder;
     TORCH_CHECK(false, "device: this build of pyvidfast has no CUDA kernels; use device=\"cpu\"");
@@ -523,123 +636,123 @@ class VideoReader : public torch::CustomClassHolder {
   }
 
   // Back to the start without trusting the container's seeking: reopen the file.
-  void reopen() {
-    avformat_close_input(&fmt_);
-    open_input();
-    avcodec_flush_buffers(codec_);
-    next_packet_ = 0;
-    held_packet_ = false;
-    demux_eof_ = false;
+  void reopen(Decoder& d) {
+    avformat_close_input(&d.fmt);
+    open_input(d);
+    avcodec_flush_buffers(d.codec);
+    d.next_packet = 0;
+    d.held_packet = false;
+    d.demux_eof = false;
   }
 
-  // Reads the next packet of the video stream into packet_; false at the end (or a read error: truncated file).
-  bool read_packet() {
+  // Reads the next packet of the video stream into d.packet; false at the end (or a read error: truncated file).
+  static bool read_packet(Decoder& d, int stream_index) {
     while (true) {
-      const int ret = av_read_frame(fmt_, packet_);
+      const int ret = av_read_frame(d.fmt, d.packet);
       if (ret < 0) return false;
-      if (packet_->stream_index == stream_index_) return true;
-      av_packet_unref(packet_);
+      if (d.packet->stream_index == stream_index) return true;
+      av_packet_unref(d.packet);
     }
   }
 
-  bool same_packet(const PacketInfo& p) const {
-    return packet_->pts == p.pts && packet_->dts == p.dts && packet_->pos == p.pos;
+  static bool same_packet(const Decoder& d, const PacketInfo& p) {
+    return d.packet->pts == p.pts && d.packet->dts == p.dts && d.packet->pos == p.pos;
   }
 
-  // Positions the demuxer on packet sp.packet (held in packet_) with a flushed decoder.
-  void seek_to(const SeekPoint& sp) {
+  // Positions the demuxer on packet sp.packet (held in d.packet) with a flushed decoder.
+  void seek_to(Decoder& d, const SeekPoint& sp) {
     VIDFAST_NVTX_RANGE("decode/seek");
-    avcodec_flush_buffers(codec_);
-    held_packet_ = false;
-    demux_eof_ = false;
+    avcodec_flush_buffers(d.codec);
+    d.held_packet = false;
+    d.demux_eof = false;
     const PacketInfo& target = packets_[sp.packet];
     const int64_t ts = target.dts != kNoTs ? target.dts : target.pts;
     bool found = false;
-    if (ts != kNoTs && av_seek_frame(fmt_, stream_index_, ts, AVSEEK_FLAG_BACKWARD) >= 0) {
-      while (read_packet()) {
-        if (same_packet(target)) {
+    if (ts != kNoTs && av_seek_frame(d.fmt, stream_index_, ts, AVSEEK_FLAG_BACKWARD) >= 0) {
+      while (read_packet(d, stream_index_)) {
+        if (same_packet(d, target)) {
           found = true;
           break;
         }
-        const bool past = (target.pos >= 0 && packet_->pos > target.pos) ||
-                          (target.dts != kNoTs && packet_->dts != kNoTs && packet_->dts > target.dts);
-        av_packet_unref(packet_);
+        const bool past = (target.pos >= 0 && d.packet->pos > target.pos) ||
+                          (target.dts != kNoTs && d.packet->dts != kNoTs && d.packet->dts > target.dts);
+        av_packet_unref(d.packet);
         if (past) break;
       }
     }
     if (!found) {  // the container cannot seek there: reopen and walk the packets (demuxing only)
-      reopen();
-      for (int64_t d = 0; d <= sp.packet; ++d) {
-        TORCH_CHECK(read_packet(), "VideoReader: '", path_, "' changed since it was opened");
-        if (d < sp.packet) av_packet_unref(packet_);
+      reopen(d);
+      for (int64_t k = 0; k <= sp.packet; ++k) {
+        TORCH_CHECK(read_packet(d, stream_index_), "VideoReader: '", path_, "' changed since it was opened");
+        if (k < sp.packet) av_packet_unref(d.packet);
       }
     }
-    held_packet_ = true;
-    next_packet_ = sp.packet;
-    next_frame_ = sp.frame;
-    verify_next_ = sp.packet > 0;
-    last_seek_ = sp;
-    sent_skipped_.assign(num_frames_, 0);
-    positioned_ = true;
+    d.held_packet = true;
+    d.next_packet = sp.packet;
+    d.next_frame = sp.frame;
+    d.verify_next = sp.packet > 0;
+    d.last_seek = sp;
+    d.sent_skipped.assign(num_frames_, 0);
+    d.positioned = true;
   }
 
-  // Decodes until the next frame comes out (in frame_) and returns its index, or -1 at the end of the stream.
-  int64_t next_decoded_frame(const Request& req) {
+  // Decodes until the next frame comes out (in d.frame) and returns its index, or -1 at the end of the stream.
+  int64_t next_decoded_frame(Decoder& d, const Request& req) {
     while (true) {
-      int ret = avcodec_receive_frame(codec_, frame_);
-      if (ret == 0) return identify(frame_);
+      int ret = avcodec_receive_frame(d.codec, d.frame);
+      if (ret == 0) return identify(d, d.frame);
       if (ret == AVERROR_EOF) {
-        positioned_ = false;
+        d.positioned = false;
         return -1;
       }
       if (ret != AVERROR(EAGAIN)) {  // a broken picture (frame threads report it here): skip it, as players do
-        TORCH_CHECK(++decode_errors_ < 10000, "VideoReader: decoding '", path_, "' keeps failing: ",
+        TORCH_CHECK(++d.decode_errors < 10000, "VideoReader: decoding '", path_, "' keeps failing: ",
                     av_error_text(ret));
         continue;
       }
-      if (demux_eof_) {
-        positioned_ = false;
+      if (d.demux_eof) {
+        d.positioned = false;
         return -1;
       }
-      if (!held_packet_ && !read_packet()) {
-        demux_eof_ = true;
-        avcodec_send_packet(codec_, nullptr);  // drain the frames the decoder still holds
+      if (!d.held_packet && !read_packet(d, stream_index_)) {
+        d.demux_eof = true;
+        avcodec_send_packet(d.codec, nullptr);  // drain the frames the decoder still holds
         continue;
       }
-      held_packet_ = false;
-      const int64_t d = next_packet_++;
-      const bool known = d < static_cast<int64_t>(packets_.size());
-      if (packet_->size == 0) {  // an empty packet would read as "drain"; it carries no picture
-        av_packet_unref(packet_);
+      d.held_packet = false;
+      const int64_t k = d.next_packet++;
+      const bool known = k < static_cast<int64_t>(packets_.size());
+      if (d.packet->size == 0) {  // an empty packet would read as "drain"; it carries no picture
+        av_packet_unref(d.packet);
         continue;
       }
-      const int64_t f = known ? frame_of_packet_[d] : -1;
+      const int64_t f = known ? frame_of_packet_[k] : -1;
       const bool skippable = skip_nonref_ && (f < 0 || !req.wanted[f]);
-      codec_->skip_frame = skippable ? AVDISCARD_NONREF : AVDISCARD_DEFAULT;
-      if (skippable && f >= 0) sent_skipped_[f] = 1;
-      ret = avcodec_send_packet(codec_, packet_);
-      av_packet_unref(packet_);
-      if (ret < 0 && ret != AVERROR(EAGAIN)) ++decode_errors_;  // a corrupt packet: go on, as players do
+      d.codec->skip_frame = skippable ? AVDISCARD_NONREF : AVDISCARD_DEFAULT;
+      if (skippable && f >= 0) d.sent_skipped[f] = 1;
+      ret = avcodec_send_packet(d.codec, d.packet);
+      av_packet_unref(d.packet);
+      if (ret < 0 && ret != AVERROR(EAGAIN)) ++d.decode_errors;  // a corrupt packet: go on, as players do
     }
   }
 
-  int64_t identify(const AVFrame* f) {
+  int64_t identify(Decoder& d, const AVFrame* f) {
     if (!skip_nonref_) {
       // The first frame after a seek must be the one the scan expects there (pts being known).
-      if (verify_next_ && all_pts_ && f->pts != frame_keys_[next_frame_]) throw BadSeekPoint{};
-      verify_next_ = false;
-      return next_frame_++;
+      if (d.verify_next && all_pts_ && f->pts != frame_keys_[d.next_frame]) throw BadSeekPoint{};
+      d.verify_next = false;
+      return d.next_frame++;
     }
     // Frames are identified by pts; every frame between the last one and this one must have been allowed to be
     // skipped, else the decoder's order is not the pts order.
     const auto it = std::lower_bound(frame_keys_.begin(), frame_keys_.end(), f->pts);
     if (f->pts == kNoTs || it == frame_keys_.end() || *it != f->pts) throw PtsOrderMismatch{};
     const int64_t i = it - frame_keys_.begin();
-    if (i < next_frame_) throw PtsOrderMismatch{};
-    for (int64_t k = next_frame_; k < i; ++k) {
-      if (!sent_skipped_[k]) throw PtsOrderMismatch{};
+    if (i < d.next_frame) throw PtsOrderMismatch{};
+    for (int64_t k = d.next_frame; k < i; ++k) {
+      if (!d.sent_skipped[k]) throw PtsOrderMismatch{};
     }
-    next_frame_ = i + 1;
+    d.next_frame = i + 1;
     return i;
   }
 
@@ -649,94 +762,84 @@ class VideoReader : public torch::CustomClassHolder {
     return *(it - 1);
   }
 
-  void run_plan(Request& req) {
-    req.failed.assign(req.targets.size(), 0);
-    for (size_t j = 0; j < req.targets.size(); ++j) {
+  // Decodes the targets w.targets (ascending) with decoder d.
+  void run_plan(Decoder& d, Request& req, Work& w) {
+    for (size_t n = 0; n < w.targets.size(); ++n) {
+      const size_t j = w.targets[n];
       const int64_t t = req.targets[j];
       const SeekPoint sp = seek_point_before(t);
       // Seek only forward past packets we would otherwise decode, or when the decoder is behind the target.
-      if (!positioned_ || t < next_frame_ || sp.packet > next_packet_) seek_to(sp);
+      if (!d.positioned || t < d.next_frame || sp.packet > d.next_packet) seek_to(d, sp);
       while (true) {
-        const int64_t i = next_decoded_frame(req);
+        const int64_t i = next_decoded_frame(d, req);
         if (i < 0) {
-          for (size_t k = j; k < req.targets.size(); ++k) {
-            req.missing.push_back(req.targets[k]);
-            req.failed[k] = 1;
-          }
-          flush_conversions(req);
+          for (size_t k = n; k < w.targets.size(); ++k) w.missing.push_back(req.targets[w.targets[k]]);
+          flush_conversions(req, w);
           return;
         }
-        last_decoded_ = i;
+        d.last_decoded = i;
         if (i < t) continue;  // decoded but not requested: never converted
         if (i > t) {  // only possible when frames are identified by pts
           TORCH_CHECK(skip_nonref_, "VideoReader: internal error: frame ", t, " was passed over");
           throw PtsOrderMismatch{};
         }
-        enqueue_conversion(req, j);
+        enqueue_conversion(d, req, w, j);
         break;
       }
     }
-    flush_conversions(req);
+    flush_conversions(req, w);
   }
 
-  void enqueue_conversion(Request& req, size_t j) {
+  void enqueue_conversion(Decoder& d, Request& req, Work& w, size_t j) {
     const int64_t offset = req.slots[j][0] * req.out.stride(req.frame_dim);
 #if defined(VIDFAST_WITH_CUDA)
-    if (frame_->format == AV_PIX_FMT_CUDA) {
-      const auto* frames_ctx = reinterpret_cast<const AVHWFramesContext*>(frame_->hw_frames_ctx->data);
+    if (d.frame->format == AV_PIX_FMT_CUDA) {
+      const auto* frames_ctx = reinterpret_cast<const AVHWFramesContext*>(d.frame->hw_frames_ctx->data);
       if (frames_ctx->sw_format == AV_PIX_FMT_NV12) {
-        convert_nv12_cuda(frame_, color_transform_of(frame_), req.spec, req.out, offset);
-        av_frame_unref(frame_);
+        convert_nv12_cuda(d.frame, color_transform_of(d.frame), req.spec, req.out, offset);
+        av_frame_unref(d.frame);
         return;
       }
     }
 #endif
     FramePtr f(av_frame_alloc());
     TORCH_CHECK(f, "VideoReader: out of memory");
-    if (frame_->hw_frames_ctx) {  // a GPU format the CUDA kernel does not read (10-bit): bring it to the host
-      const int ret = av_hwframe_transfer_data(f.get(), frame_, 0);
+    if (d.frame->hw_frames_ctx) {  // a GPU format the CUDA kernel does not read (10-bit): bring it to the host
+      const int ret = av_hwframe_transfer_data(f.get(), d.frame, 0);
       TORCH_CHECK(ret >= 0, "VideoReader: cannot copy a decoded frame to the host: ", av_error_text(ret));
-      av_frame_copy_props(f.get(), frame_);
-      av_frame_unref(frame_);
+      av_frame_copy_props(f.get(), d.frame);
+      av_frame_unref(d.frame);
     } else {
-      av_frame_move_ref(f.get(), frame_);
+      av_frame_move_ref(f.get(), d.frame);
     }
     int sx, sy;
     bool nv12;
     if (!direct_format(static_cast<AVPixelFormat>(f->format), &sx, &sy, &nv12) &&
         !swscale_path(f.get(), req.spec, req.frame_dim)) {
-      f = to_gbrp(f.get());
+      f = to_gbrp(d, f.get());
     }
-    req.pending.push_back({std::move(f), j});
-    if (static_cast<int64_t>(req.pending.size()) >= std::max<int64_t>(1, at::get_num_threads())) {
-      flush_conversions(req);
-    }
+    w.pending.push_back({std::move(f), j});
+    if (static_cast<int64_t>(w.pending.size()) >= w.batch) flush_conversions(req, w);
   }
 
   // Pixel formats the kernels do not read directly (10-bit, RGB, palettes, grey) go through libswscale to
   // planar 8-bit RGB at the native size first.
-  FramePtr to_gbrp(const AVFrame* src) {
+  FramePtr to_gbrp(Decoder& d, const AVFrame* src) {
     FramePtr dst(av_frame_alloc());
     TORCH_CHECK(dst, "VideoReader: out of memory");
     dst->format = AV_PIX_FMT_GBRP;
     dst->width = src->width;
     dst->height = src->height;
     TORCH_CHECK(av_frame_get_buffer(dst.get(), 0) >= 0, "VideoReader: out of memory");
-    sws_ = sws_getCachedContext(sws_, src->width, src->height, static_cast<AVPixelFormat>(src->format), src->width,
+    d.sws = sws_getCachedContext(d.sws, src->width, src->height, static_cast<AVPixelFormat>(src->format), src->width,
                                 src->height, AV_PIX_FMT_GBRP, SWS_BILINEAR, nullptr, nullptr, nullptr);
-    TORCH_CHECK_NOT_IMPLEMENTED(sws_, "VideoReader: cannot convert pixel format ",
+    TORCH_CHECK_NOT_IMPLEMENTED(d.sws, "VideoReader: cannot convert pixel format ",
                                 av_get_pix_fmt_name(static_cast<AVPixelFormat>(src->format)));
-    sws_scale(sws_, src->data, src->linesize, 0, src->height, dst->data, dst->linesize);
+    sws_scale(d.sws, src->data, src->linesize, 0, src->height, dst->data, dst->linesize);
     return dst;
   }
 
   // libswscale context of one conversion thread, for the native-size uint8 path.
-  struct ThreadSws {
-    SwsContext* ctx = nullptr;
-    int colorspace = -1, full_range = -1;
-    std::vector<uint8_t> padded;  // for widths libswscale's SIMD converters would leave a tail of
-  };
-
   // Native size, uint8, THWC: libswscale's own conversion, bit-exact with what PyAV and most tools return.
   static bool swscale_path(const AVFrame* f, const OutputSpec& spec, int64_t frame_dim) {
     return spec.dtype == at::kByte && frame_dim == 0 && f->width == spec.width && f->height == spec.height &&
@@ -744,15 +847,15 @@ class VideoReader : public torch::CustomClassHolder {
   }
 
   void swscale_into(ThreadSws& t, const AVFrame* f, uint8_t* out, int64_t row_stride) {
-    t.ctx = sws_getCachedContext(t.ctx, f->width, f->height, static_cast<AVPixelFormat>(f->format), f->width,
-                                 f->height, AV_PIX_FMT_RGB24, SWS_BILINEAR, nullptr, nullptr, nullptr);
+    t.ctx.reset(sws_getCachedContext(t.ctx.release(), f->width, f->height, static_cast<AVPixelFormat>(f->format),
+                                     f->width, f->height, AV_PIX_FMT_RGB24, SWS_BILINEAR, nullptr, nullptr, nullptr));
     TORCH_CHECK(t.ctx, "VideoReader: libswscale cannot convert pixel format ",
                 av_get_pix_fmt_name(static_cast<AVPixelFormat>(f->format)));
     const int full = f->color_range == AVCOL_RANGE_JPEG ? 1 : 0;
     const int cs = f->colorspace == AVCOL_SPC_UNSPECIFIED ? SWS_CS_DEFAULT : static_cast<int>(f->colorspace);
     if (cs != t.colorspace || full != t.full_range) {
       const int* coefficients = sws_getCoefficients(cs);
-      sws_setColorspaceDetails(t.ctx, coefficients, full, coefficients, 1, 0, 1 << 16, 1 << 16);
+      sws_setColorspaceDetails(t.ctx.get(), coefficients, full, coefficients, 1, 0, 1 << 16, 1 << 16);
       t.colorspace = cs, t.full_range = full;
     }
     // libswscale's x86 converters work in blocks of 16 pixels and skip the tail when the destination rows are
@@ -762,7 +865,7 @@ class VideoReader : public torch::CustomClassHolder {
     if (!direct) t.padded.resize(static_cast<size_t>(padded_stride) * f->height);
     uint8_t* dst[4] = {direct ? out : t.padded.data(), nullptr, nullptr, nullptr};
     int dst_stride[4] = {static_cast<int>(direct ? row_stride : padded_stride), 0, 0, 0};
-    sws_scale(t.ctx, f->data, f->linesize, 0, f->height, dst, dst_stride);
+    sws_scale(t.ctx.get(), f->data, f->linesize, 0, f->height, dst, dst_stride);
     if (!direct) {
       for (int y = 0; y < f->height; ++y) {
         std::memcpy(out + y * row_stride, t.padded.data() + y * padded_stride, static_cast<size_t>(f->width) * 3);
@@ -771,63 +874,62 @@ class VideoReader : public torch::CustomClassHolder {
   }
 
   // Converts the pending frames on the CPU, frames x bands of rows in parallel.
-  void flush_conversions(Request& req) {
-    if (req.pending.empty()) return;
+  void flush_conversions(Request& req, Work& w) {
+    if (w.pending.empty()) return;
     VIDFAST_NVTX_RANGE("decode/convert");
     at::Tensor target = req.out;
     if (target.is_cuda()) {  // frames decoded in software for a CUDA result: convert on the host, copy later
       if (!req.cpu_staging.defined()) req.cpu_staging = at::empty_like(req.out, req.out.options().device(at::kCPU));
-      target = req.cpu_staging;
+      target = req.cpu_staging;  // CUDA results come from one decoder, so this is not raced
     }
-    const int64_t frames = static_cast<int64_t>(req.pending.size());
-    const int64_t threads = at::get_num_threads();
+    const int64_t frames = static_cast<int64_t>(w.pending.size());
+    const int64_t threads = w.serial ? 1 : static_cast<int64_t>(thread_sws_.size());
     const int64_t bands = std::max<int64_t>(1, (threads + frames - 1) / frames);
     const int64_t rows = req.spec.height;
     const int64_t band_rows = (rows + bands - 1) / bands;
     std::vector<PictureView> views;
     std::vector<uint8_t> use_sws;
-    for (const auto& p : req.pending) {
+    for (const auto& p : w.pending) {
       use_sws.push_back(swscale_path(p.frame.get(), req.spec, req.frame_dim));
       views.push_back(use_sws.back() ? PictureView{} : picture_view(p.frame.get()));
     }
-    if (static_cast<int64_t>(thread_sws_.size()) < threads) thread_sws_.resize(threads);
     char* base = static_cast<char*>(target.data_ptr());
     const int64_t elem = target.element_size();
     const int64_t frame_stride = target.stride(req.frame_dim);
-    at::parallel_for(0, frames * bands, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t w = begin; w < end; ++w) {
-        const int64_t f = w / bands, b = w % bands;
-        char* out = base + req.slots[req.pending[f].target][0] * frame_stride * elem;
-        if (use_sws[f]) {
-          if (b == 0) {
-            swscale_into(thread_sws_[at::get_thread_num() % threads], req.pending[f].frame.get(),
-                         reinterpret_cast<uint8_t*>(out), req.spec.stride_y);
-          }
-          continue;
-        }
-        const int r0 = static_cast<int>(std::min(rows, b * band_rows));
-        const int r1 = static_cast<int>(std::min(rows, (b + 1) * band_rows));
-        if (r0 < r1) convert_rows_cpu(views[f], req.spec, out, r0, r1);
+    auto convert = [&](int64_t item, ThreadSws& sws) {
+      const int64_t f = item / bands, b = item % bands;
+      char* out = base + req.slots[w.pending[f].target][0] * frame_stride * elem;
+      if (use_sws[f]) {
+        if (b == 0) swscale_into(sws, w.pending[f].frame.get(), reinterpret_cast<uint8_t*>(out), req.spec.stride_y);
+        return;
       }
-    });
+      const int r0 = static_cast<int>(std::min(rows, b * band_rows));
+      const int r1 = static_cast<int>(std::min(rows, (b + 1) * band_rows));
+      if (r0 < r1) convert_rows_cpu(views[f], req.spec, out, r0, r1);
+    };
+    if (w.serial) {
+      for (int64_t item = 0; item < frames * bands; ++item) convert(item, w.sws);
+    } else {
+      at::parallel_for(0, frames * bands, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) convert(item, thread_sws_[at::get_thread_num()]);
+      });
+    }
     if (target.data_ptr() != req.out.data_ptr()) {
-      for (const auto& p : req.pending) {
-        const int64_t s = req.slots[p.target][0];
-        req.out.select(req.frame_dim, s).copy_(target.select(req.frame_dim, s));
+      for (const auto& p : w.pending) {
+        const int64_t slot = req.slots[p.target][0];
+        req.out.select(req.frame_dim, slot).copy_(target.select(req.frame_dim, slot));
       }
     }
-    req.pending.clear();
+    w.pending.clear();
   }
+
 
   std::string path_;
   int64_t cuda_device_;
   int64_t threads_;
-  AVFormatContext* fmt_ = nullptr;
-  AVCodecContext* codec_ = nullptr;
   AVBufferRef* hw_device_ = nullptr;
-  AVPacket* packet_ = nullptr;
-  AVFrame* frame_ = nullptr;
-  SwsContext* sws_ = nullptr;  // pixel formats the kernels do not read -> GBRP
+  Decoder main_;  // scans the file; decodes with FFmpeg's threads (or NVDEC)
+  std::vector<std::unique_ptr<Decoder>> workers_;  // single-threaded decoders for GOP-parallel requests
   std::vector<ThreadSws> thread_sws_;
   int stream_index_ = -1;
 
@@ -842,18 +944,6 @@ class VideoReader : public torch::CustomClassHolder {
   bool all_pts_ = false;
   bool skip_nonref_ = false;
   std::string scan_error_;
-
-  // Decoding position.
-  bool positioned_ = false;
-  bool held_packet_ = false;  // packet_ holds the next packet to send
-  bool demux_eof_ = false;
-  int64_t next_packet_ = 0;  // decode index of the next packet to send
-  int64_t next_frame_ = 0;   // index of the next frame the decoder outputs
-  std::vector<uint8_t> sent_skipped_;
-  bool verify_next_ = false;
-  SeekPoint last_seek_{0, 0};
-  int64_t last_decoded_ = -1;
-  int64_t decode_errors_ = 0;
 };
 
 TORCH_LIBRARY_FRAGMENT(vidfast, m) {
