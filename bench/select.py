@@ -7,12 +7,16 @@ Peers, on the same patch embeddings [B=8, T=16, L=256, D] with G=4 groups:
 The machine's limit is one copy of the input (memory bandwidth): the op must read every embedding once.
 """
 
+import os
 import sys
-from pathlib import Path
 
-import torch
+# This file's name shadows the standard library's `select` (imported by subprocess, which torch imports): take
+# its folder off the path until torch is loaded.
+_BENCH_DIR = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != _BENCH_DIR]
+import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [_BENCH_DIR, os.path.dirname(_BENCH_DIR)]  # bench/common.py and the source tree's pyvidfast
 from common import copy_bandwidth, markdown_table, time_fn, write_json  # noqa: E402
 
 import pyvidfast  # noqa: E402,F401
