@@ -3,10 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import pyvidfast
+from pyvidfast import flux
 from pyvidfast.models import create_model
 from pyvidfast.models.fluxvit import FluxViT, flux_num_groups, head_for_budget
+from pyvidfast.ops import group_budgets, group_topk
 from pyvidfast.samples import decode_frames
 
 needs_varlen = pytest.mark.skipif(
@@ -259,3 +262,130 @@ def test_training_step_backward():
     loss = model(video, budget=40, head=2).logsumexp(-1).mean()
     loss.backward()
     assert model.patch_embed.proj.weight.grad is not None and model.pos_embed.grad.abs().sum() > 0
+
+
+# --- pyvidfast.flux ---------------------------------------------------------------------------------------------
+
+
+def test_flexi_sampling():
+    sampling = flux.FlexiSampling()
+    settings = sampling.settings()
+    assert all(2048 <= t * (r // 14) ** 2 <= 6144 and t % 2 == 0 and 6 <= t <= 24 and r % 28 == 0
+               for t, r in settings)
+    assert (8, 224) in settings and (24, 336) not in settings and (6, 112) not in settings
+    g = torch.Generator().manual_seed(0)
+    draws = {sampling.draw(g) for _ in range(200)}
+    assert draws <= set(settings) and len(draws) > len(settings) // 2
+    with pytest.raises(ValueError, match="no \\(frames, resolution\\)"):
+        flux.FlexiSampling(min_tokens=10, max_tokens=20).draw()
+
+
+def test_select_tokens_uses_the_group_rule():
+    x = torch.randn(2, 6, 16, 8)
+    assert torch.equal(flux.select_tokens(x, 50), group_topk(x, 2, 50))
+    assert flux.select_tokens(x, 96) is None
+
+
+def test_multi_budget_loss():
+    model = randomize(FluxViT(**TINY)).train()
+    video, targets = torch.randn(2, 3, 8, 56, 56), torch.tensor([1, 3])
+    loss, logits = flux.multi_budget_loss(model, video, targets, F.cross_entropy, budgets=(96, 64, 32))
+    pooled = [model.pool(model.forward_tokens(video, b)[0], h) for h, b in enumerate((96, 64, 32))]
+    align = sum(F.smooth_l1_loss(F.normalize(model.final_clip_decoder_for_projs[h - 1](pooled[h]), dim=-1),
+                                 F.normalize(pooled[0], dim=-1)) for h in (1, 2))
+    expected = sum(F.cross_entropy(model.classify(p, h), targets) for h, p in enumerate(pooled)) + align
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(model.head[h].weight.grad is not None for h in range(3))
+
+
+def test_teacher_token_map():
+    # Student 8 x 4 x 4 (tubelet 1, patch 14) onto a teacher 4 x 2 x 2 (tubelet 2, patch 28 of the same clip).
+    mapping = flux.teacher_token_map((8, 4, 4), (4, 2, 2))
+    t, y, x = torch.meshgrid(torch.arange(8), torch.arange(4), torch.arange(4), indexing="ij")
+    torch.testing.assert_close(mapping, ((t // 2 * 2 + y // 2) * 2 + x // 2).reshape(-1))
+    assert torch.equal(flux.teacher_token_map((3, 5, 5), (3, 5, 5)), torch.arange(75))
+
+
+def test_double_mask():
+    x = torch.randn(2, 8, 16, 12)
+    everything = torch.arange(128).expand(2, 128)
+    identity = torch.arange(128)
+    # A teacher that keeps everything leaves the student's own selection.
+    assert torch.equal(flux.double_mask(x, 40, everything, identity, 128), group_topk(x, 4, 40))
+    # A teacher that keeps half: the student keeps only tokens with targets while there are enough.
+    teacher = group_topk(x.flip(-1) * torch.linspace(0, 1, 12), 4, 64)
+    kept = flux.double_mask(x, 30, teacher, identity, 128)
+    assert torch.all(kept[:, 1:] > kept[:, :-1])
+    for b in range(2):
+        assert set(kept[b].tolist()) <= set(teacher[b].tolist())
+        assert torch.bincount(kept[b] // 32, minlength=4).tolist() == group_budgets(30, 4)
+    # Too few teacher tokens in a group: the rest of its slots go to its best other tokens.
+    few = torch.tensor([[0, 1]] * 2)
+    kept = flux.double_mask(x, 8, few, identity, 128)
+    assert kept.shape == (2, 8) and {0, 1} <= set(kept[0].tolist())
+
+
+def test_double_mask_distillation_loss():
+    student = [torch.randn(2, 1 + 6, 10)]
+    student_idx = torch.tensor([[0, 2, 3, 5, 8, 9]] * 2)
+    teacher_idx = torch.tensor([[0, 1, 2, 3, 5, 8, 9, 11]] * 2)
+    identity = torch.arange(12)
+    # Teacher tokens equal to the student's own: loss 0 with identity projectors.
+    teacher = torch.zeros(2, 8, 10)
+    slots = torch.searchsorted(teacher_idx[0], student_idx[0])
+    teacher[:, slots] = student[0][:, 1:]
+    loss = flux.double_mask_distillation_loss(student, student_idx, [teacher], teacher_idx, identity, [nn.Identity()])
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+    # Tokens without a teacher target do not count: changing them changes nothing.
+    other_idx = torch.tensor([[0, 2, 3, 5, 8, 10]] * 2)  # 10 is not kept by the teacher
+    changed = [student[0].clone()]
+    changed[0][:, -1] = torch.randn(10)
+    loss = flux.double_mask_distillation_loss(changed, other_idx, [teacher], teacher_idx, identity, [nn.Identity()])
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+    loss = flux.double_mask_distillation_loss(student, student_idx, [torch.randn(2, 8, 10)], teacher_idx, identity,
+                                              [nn.Identity()])
+    assert 0.2 < float(loss) < 1.8
+
+
+def test_double_mask_step_with_a_stand_in_teacher():
+    """A VideoMAE-shaped stand-in teacher (patch 16, tubelet 2): patch embeddings and their per-layer maps."""
+    student = randomize(FluxViT(**TINY)).train()
+    weight = torch.randn(24, 3, 2, 16, 16) * 0.02
+
+    def teacher_embed(video):
+        return F.conv3d(video, weight, stride=(2, 16, 16)).flatten(3).permute(0, 2, 3, 1)
+
+    def teacher_forward(video, keep, layers):
+        x = teacher_embed(video).flatten(1, 2)
+        x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return [torch.tanh(x * (i + 1)) for i in range(len(layers))]
+
+    settings = flux.DoubleMaskSettings(teacher_resolutions=(64,), teacher_budget=20, student_layers=(0, 1),
+                                       teacher_layers=(0, 1))
+    clip = torch.randn(2, 3, 8, 64, 64)
+    student_video = F.interpolate(clip, size=(8, 56, 56), mode="trilinear")
+    projectors = [nn.Linear(64, 24) for _ in range(2)]
+    loss = flux.double_mask_step(student, student_video, 48, clip, teacher_embed, teacher_forward, projectors,
+                                 settings)
+    assert torch.isfinite(loss) and 0 < float(loss.detach()) < 2
+    loss.backward()
+    assert projectors[0].weight.grad is not None and student.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_token_settings_and_sampling(sample_clips):
+    assert [flux.token_setting(b).head for b in (3072, 2048, 1024, 512)] == [0, 1, 2, 2]
+    for budget in (3072, 2048, 1024, 512, 1500):
+        s = flux.token_setting(budget)
+        assert budget < s.tokens <= 2.5 * budget
+    assert flux.segment_frame_indices(100, 8, clip=0, num_clips=1) == [6, 18, 31, 43, 56, 68, 80, 93]
+    train = flux.segment_frame_indices(100, 8, rng=__import__("random").Random(0))
+    assert all(round(12.375 * i) <= f <= round(12.375 * (i + 1)) for i, f in enumerate(train))
+    # Token-optimized inference on a real clip: 8 frames at 70 px (200 tokens) cut to a 100-token budget.
+    indices = flux.segment_frame_indices(250, 8, clip=0)
+    frames = decode_frames(sample_clips["balle-jbart.mp4"], 250)[indices]
+    video = flux.prepare_clip(frames, 70)
+    assert video.shape == (3, 8, 70, 70) and abs(float(video.mean())) < 3
+    model = randomize(FluxViT(**TINY)).eval()
+    with torch.no_grad():
+        assert model(video.unsqueeze(0), budget=100).shape == (1, 5)

@@ -346,26 +346,28 @@ class FluxViT(nn.Module):
             pos = grid.permute(0, 2, 3, 1)
         return self.pos_embed[0, :1], pos.reshape(-1, c)
 
-    def embed(self, video: Tensor, budget: int | None = None) -> tuple[Tensor, Tensor | None]:
+    def embed(self, video: Tensor, budget: int | None = None,
+              indices: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Video [B, 3, T, H, W] -> tokens [B, 1 + K, C] (cls first, then the kept patches in raster order) and
-        the kept indices [B, K] into the T' * L patches (None when all are kept: budget None or >= T' * L)."""
+        the kept indices [B, K] into the T' * L patches (None when all are kept: budget None or >= T' * L).
+        ``indices`` (ascending) overrides the selection, e.g. with the double mask of Flux distillation."""
         x = self.patch_embed(video.to(self.pos_embed.dtype))
         b, t, l, c = x.shape
         cls_pos, pos = self.position_embedding(t, video.shape[3] // self.patch_size, video.shape[4] // self.patch_size)
-        indices = None
         tokens = x.reshape(b, t * l, c) + pos
-        if budget is not None and budget < t * l:
+        if indices is None and budget is not None and budget < t * l:
             indices = group_topk(x, flux_num_groups(t), budget)
+        if indices is not None:
             tokens = tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, c))
         cls = (self.cls_token[0] + cls_pos).expand(b, 1, c)
         return torch.cat([cls, tokens], dim=1), indices
 
     # --- dense path: clips of one shape and budget ----------------------------------------------------------------
 
-    def forward_tokens(self, video: Tensor, budget: int | None = None,
-                       return_layers: Sequence[int] = ()) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    def forward_tokens(self, video: Tensor, budget: int | None = None, return_layers: Sequence[int] = (),
+                       indices: Tensor | None = None) -> tuple[Tensor, Tensor | None, list[Tensor]]:
         """Final tokens [B, 1 + K, C], kept indices, and the outputs of the blocks listed in ``return_layers``."""
-        x, indices = self.embed(video, budget)
+        x, indices = self.embed(video, budget, indices)
         hidden = []
         for i, block in enumerate(self.blocks):
             x = block(x)
