@@ -5,22 +5,14 @@ Peers, on the same patch embeddings [B=8, T=16, L=256, D] with G=4 groups:
   group, argsort again to restore, mask by gather), then the kept indices from the mask (nonzero).
 - "torch": the same selection written lean in PyTorch (no clone, one stable sort per group, exact budget split).
 The machine's limit is one copy of the input (memory bandwidth): the op must read every embedding once.
+Run: python -m bench.select
 """
 
-import os
-import sys
+import torch
 
-# This file's name shadows the standard library's `select` (imported by subprocess, which torch imports): take
-# its folder off the path until torch is loaded.
-_BENCH_DIR = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != _BENCH_DIR]
-import torch  # noqa: E402
-
-sys.path[:0] = [_BENCH_DIR, os.path.dirname(_BENCH_DIR)]  # bench/common.py and the source tree's pyvidfast
-from common import copy_bandwidth, markdown_table, time_fn, write_json  # noqa: E402
-
-import pyvidfast  # noqa: E402,F401
-from pyvidfast.ops import group_budgets, group_topk  # noqa: E402
+from bench.common import copy_bandwidth, markdown_table, time_fn, write_json
+import pyvidfast
+from pyvidfast.ops import group_budgets, group_topk
 
 B, T, L, G = 8, 16, 256, 4
 
@@ -56,8 +48,12 @@ def torch_selection(x: torch.Tensor, budget: int) -> torch.Tensor:
 
 def main():
     rows, results = [], []
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and pyvidfast.build_info()["cuda_kernels"] else [])
-    for device in devices:
+    # CPU at one thread and at all threads (the op and its peers alike); the GPU when there is one.
+    runs = [("cpu", 1), ("cpu", torch.get_num_threads())]
+    if torch.cuda.is_available() and pyvidfast.build_info()["cuda_kernels"]:
+        runs.append(("cuda", torch.get_num_threads()))
+    for device, threads in runs:
+        torch.set_num_threads(threads)
         sync = torch.cuda.synchronize if device == "cuda" else None
         for dim in (384, 768):
             x = torch.randn(B, T, L, dim, device=device)
@@ -69,16 +65,16 @@ def main():
                 t_official = time_fn(lambda: official_selection(x, budget), sync=sync)
                 t_torch = time_fn(lambda: torch_selection(x, budget), sync=sync)
                 gbps = x.numel() * x.element_size() / (t_op["median_ms"] * 1e-3) / 1e9
-                row = {"device": device, "D": dim, "budget": budget, "op": t_op, "official": t_official,
+                row = {"device": device, "threads": threads, "D": dim, "budget": budget, "op": t_op, "official": t_official,
                        "torch": t_torch, "op_gb_per_s": gbps}
                 if device == "cpu":
                     row["copy"] = floor
                 results.append(row)
-                rows.append([device, dim, budget, t_op["median_ms"], t_official["median_ms"],
+                rows.append([device if device == "cuda" else f"cpu x{threads}", dim, budget, t_op["median_ms"], t_official["median_ms"],
                              t_torch["median_ms"], t_official["median_ms"] / t_op["median_ms"],
                              t_torch["median_ms"] / t_op["median_ms"], gbps,
                              floor["gb_per_s"] if device == "cpu" else "-"])
-    print(f"group_topk, B={B} T={T} L={L} G={G}, float32, {torch.get_num_threads()} CPU threads; medians of 10")
+    print(f"group_topk, B={B} T={T} L={L} G={G}, float32; medians of 10")
     print(markdown_table(["device", "D", "budget", "op ms", "official ms", "torch ms", "official / op",
                           "torch / op", "op GB/s read", "copy GB/s"], rows))
     print("wrote", write_json("select", {"B": B, "T": T, "L": L, "G": G, "results": results}))
