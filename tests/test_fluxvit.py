@@ -5,16 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pyvidfast
 from pyvidfast import flux
 from pyvidfast.models import create_model
 from pyvidfast.models.fluxvit import FluxViT, flux_num_groups, head_for_budget
 from pyvidfast.ops import group_budgets, group_topk
 from pyvidfast.samples import decode_frames
-
-needs_varlen = pytest.mark.skipif(
-    not hasattr(pyvidfast.ops, "varlen_attention"), reason="varlen_attention not merged yet"
-)
 
 TINY = dict(embed_dim=64, depth=2, num_heads=4, attn_pool_num_heads=4, clip_embed_dim=32, img_size=56,
             num_frames=8, num_classes=5)
@@ -227,33 +222,18 @@ def test_load_official_checkpoint_layout(tmp_path):
         model.load_checkpoint({k: v for k, v in source.state_dict().items() if k != "cls_token"})
 
 
-def _sdpa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=False):
-    """A per-clip SDPA loop with varlen_attention's signature (stands in for the op where it is absent)."""
-    out = torch.empty_like(q)
-    bounds = cu_seqlens_q.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        out[s:e] = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
-                                                  v[s:e].transpose(0, 1)).transpose(0, 1)
-    return out
-
-
-def check_packed_equals_per_clip(model):
+def test_packed_equals_per_clip():
+    """Three clips of different lengths, resolutions and budgets, packed through varlen_attention."""
+    model = randomize(FluxViT(**TINY)).eval()
     clips = [torch.randn(3, 8, 56, 56), torch.randn(3, 6, 70, 70), torch.randn(3, 4, 42, 42)]
     budgets = [64, 100, None]
     with torch.no_grad():
         packed = model.forward_packed(clips, budgets)
         single = torch.cat([model(v.unsqueeze(0), budget=b) for v, b in zip(clips, budgets)])
     torch.testing.assert_close(packed, single, rtol=1e-4, atol=1e-4)
-
-
-def test_packed_equals_per_clip_with_sdpa_stand_in(monkeypatch):
-    monkeypatch.setattr(pyvidfast.ops, "varlen_attention", _sdpa_varlen, raising=False)
-    check_packed_equals_per_clip(randomize(FluxViT(**TINY)).eval())
-
-
-@needs_varlen
-def test_packed_equals_per_clip():
-    check_packed_equals_per_clip(randomize(FluxViT(**TINY)).eval())
+    model.train()
+    model.forward_packed(clips, budgets, heads=[0, 1, 2]).sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
 def test_training_step_backward():

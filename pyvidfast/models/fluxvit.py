@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyvidfast.models.registry import register_model
-from pyvidfast.ops import group_topk
+from pyvidfast.ops import group_topk, varlen_attention
 
 # Token budget each head was trained at (official training engine: head 0 <-> 3072, 1 <-> 2048, 2 <-> 1024).
 HEAD_BUDGETS = (3072, 2048, 1024)
@@ -178,12 +178,10 @@ class Attention(nn.Module):
         return self.proj(out + self.lpe(v))
 
     def forward_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-        from pyvidfast import ops
-
         n, c = x.shape
         q, k, v = self._qkv(x)
         q, k, v_heads = (t.view(n, self.num_heads, -1) for t in (q, k, v))
-        out = ops.varlen_attention(q, k, v_heads, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+        out = varlen_attention(q, k, v_heads, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
         return self.proj(out.reshape(n, c) + self.lpe(v))
 
 
@@ -394,11 +392,7 @@ class FluxViT(nn.Module):
     def forward_packed(self, videos: Sequence[Tensor], budgets: Sequence[int | None],
                        heads: Sequence[int] | None = None) -> Tensor:
         """Logits [B, classes] for clips [3, T_i, H_i, W_i] with their own budgets, run as one packed sequence
-        through ``varlen_attention`` (needs ``pyvidfast.ops.varlen_attention``)."""
-        from pyvidfast import ops
-
-        if not hasattr(ops, "varlen_attention"):
-            raise RuntimeError("forward_packed needs pyvidfast.ops.varlen_attention, which this build lacks")
+        through ``varlen_attention``."""
         if len(videos) != len(budgets):
             raise ValueError(f"budgets: expected one per clip ({len(videos)}); got {len(budgets)}")
         heads = [head_for_budget(b) for b in budgets] if heads is None else list(heads)
