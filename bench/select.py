@@ -65,13 +65,13 @@ def main():
                 t_official = time_fn(lambda: official_selection(x, budget), sync=sync)
                 t_torch = time_fn(lambda: torch_selection(x, budget), sync=sync)
                 gbps = x.numel() * x.element_size() / (t_op["median_ms"] * 1e-3) / 1e9
-                row = {"device": device, "threads": threads, "D": dim, "budget": budget, "op": t_op, "official": t_official,
-                       "torch": t_torch, "op_gb_per_s": gbps}
+                row = {"device": device, "threads": threads, "D": dim, "budget": budget, "op": t_op,
+                       "official": t_official, "torch": t_torch, "op_gb_per_s": gbps}
                 if device == "cpu":
                     row["copy"] = floor
                 results.append(row)
-                rows.append([device if device == "cuda" else f"cpu x{threads}", dim, budget, t_op["median_ms"], t_official["median_ms"],
-                             t_torch["median_ms"], t_official["median_ms"] / t_op["median_ms"],
+                rows.append([device if device == "cuda" else f"cpu x{threads}", dim, budget, t_op["median_ms"],
+                             t_official["median_ms"], t_torch["median_ms"], t_official["median_ms"] / t_op["median_ms"],
                              t_torch["median_ms"] / t_op["median_ms"], gbps,
                              floor["gb_per_s"] if device == "cpu" else "-"])
     print(f"group_topk, B={B} T={T} L={L} G={G}, float32; medians of 10")

@@ -33,9 +33,13 @@ inline float row_distance(const scalar_t* a, const scalar_t* b, int64_t dim) {
   int64_t i0 = 0;
   for (; i0 + kLanes <= dim; i0 += kLanes) {
 #pragma omp simd
-    for (int j = 0; j < kLanes; ++j) lane[j] = add_squared_difference(lane[j], to_double(a[i0 + j]), to_double(b[i0 + j]));
+    for (int j = 0; j < kLanes; ++j) {
+      lane[j] = add_squared_difference(lane[j], to_double(a[i0 + j]), to_double(b[i0 + j]));
+    }
   }
-  for (int j = 0; i0 + j < dim; ++j) lane[j] = add_squared_difference(lane[j], to_double(a[i0 + j]), to_double(b[i0 + j]));
+  for (int j = 0; i0 + j < dim; ++j) {
+    lane[j] = add_squared_difference(lane[j], to_double(a[i0 + j]), to_double(b[i0 + j]));
+  }
   for (int offset = kLanes / 2; offset > 0; offset /= 2) {
     for (int j = 0; j < offset; ++j) lane[j] += lane[j + offset];
   }
