@@ -12,13 +12,12 @@
   so its compute is fixed whatever the flexi setting. Mask 2: the student's ``group_topk`` selection restricted to
   tokens whose teacher token (the one covering the same place and time) was kept. The loss is 1 - cosine between
   the student's projected tokens and the teacher's at chosen layers, over the student tokens that have a target.
-- Token optimization at inference (:func:`token_setting`, :func:`segment_frame_indices`,
-  :func:`prepare_clip`): for a budget, sample more frames or a higher resolution than the budget holds and let the
-  selector cut to the budget, with the head trained at the nearest budget.
+- Token optimization at inference (:func:`token_setting`, :func:`sample_for_budget`, :func:`prepare_clip`): for a
+  budget, sample more frames or a higher resolution than the budget holds and let the selector cut to the budget,
+  with the head trained at the nearest budget.
 """
 
 import math
-import random
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pyvidfast.io import sampling
 from pyvidfast.models.fluxvit import HEAD_BUDGETS, FluxViT, flux_num_groups, head_for_budget
 from pyvidfast.ops import group_budgets, group_topk
 
@@ -240,21 +240,12 @@ def token_setting(budget: int, flexi: FlexiSampling = FlexiSampling(min_tokens=0
     return TokenSetting(frames, resolution, budget, head_for_budget(budget))
 
 
-def segment_frame_indices(num_video_frames: int, frames: int, clip: int | None = None, num_clips: int = 1,
-                          rng: random.Random | None = None) -> list[int]:
-    """The official OFA loaders' sparse sampling: T equal segments of the video; training (``clip=None``) takes a
-    random frame in each, testing clip c of ``num_clips`` the frame at (c + 1) / (num_clips + 1) of each segment."""
-    segment = max(0.0, (num_video_frames - 1) / frames)
-    last = num_video_frames - 1
-    rng = rng or random.Random()
-    indices = []
-    for i in range(frames):
-        start = int(round(segment * i))
-        if clip is None:
-            indices.append(min(rng.randint(start, int(round(segment * (i + 1)))), last))
-        else:
-            indices.append(min(start + int(segment / (num_clips + 1) * (clip + 1)), last))
-    return indices
+def sample_for_budget(num_video_frames: int, budget: int, random: bool = False,
+                      generator: torch.Generator | None = None) -> tuple[TokenSetting, list[int]]:
+    """The token setting of a budget and the frames to decode for it: one frame per equal segment of the video
+    (``pyvidfast.io.sampling.segments``, the sparse sampling FluxViT's loaders use; ``random`` for training)."""
+    setting = token_setting(budget)
+    return setting, sampling.segments(num_video_frames, setting.frames, random=random, generator=generator)
 
 
 def prepare_clip(frames: Tensor, resolution: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> Tensor:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyvidfast import flux
+from pyvidfast.io import VideoReader, sampling
 from pyvidfast.models import create_model
 from pyvidfast.models.fluxvit import FluxViT, flux_num_groups, head_for_budget
 from pyvidfast.ops import group_budgets, group_topk
@@ -358,12 +359,11 @@ def test_token_settings_and_sampling(sample_clips):
     for budget in (3072, 2048, 1024, 512, 1500):
         s = flux.token_setting(budget)
         assert budget < s.tokens <= 2.5 * budget
-    assert flux.segment_frame_indices(100, 8, clip=0, num_clips=1) == [6, 18, 31, 43, 56, 68, 80, 93]
-    train = flux.segment_frame_indices(100, 8, rng=__import__("random").Random(0))
-    assert all(round(12.375 * i) <= f <= round(12.375 * (i + 1)) for i, f in enumerate(train))
+    setting, indices = flux.sample_for_budget(250, 100)
+    assert indices == sampling.segments(250, setting.frames)
     # Token-optimized inference on a real clip: 8 frames at 70 px (200 tokens) cut to a 100-token budget.
-    indices = flux.segment_frame_indices(250, 8, clip=0)
-    frames = decode_frames(sample_clips["balle-jbart.mp4"], 250)[indices]
+    with VideoReader(sample_clips["balle-jbart.mp4"]) as reader:
+        frames = reader.get_frames(sampling.segments(len(reader), 8))
     video = flux.prepare_clip(frames, 70)
     assert video.shape == (3, 8, 70, 70) and abs(float(video.mean())) < 3
     model = randomize(FluxViT(**TINY)).eval()
