@@ -18,7 +18,20 @@ from av.video.reformatter import Interpolation
 from pyvidfast.io import VideoDataset, VideoReader, decode_frames, sampling
 from conftest import requires_cuda_kernels
 
-pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg CLI to make test videos")
+
+
+def _reader_built() -> bool:
+    try:
+        torch.classes.vidfast.VideoReader
+        return True
+    except RuntimeError:
+        return False
+
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg CLI to make test videos"),
+    pytest.mark.skipif(not _reader_built(), reason="pyvidfast was built without FFmpeg's development files"),
+]
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
