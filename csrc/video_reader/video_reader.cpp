@@ -194,9 +194,9 @@ struct Decoder {
   bool held_packet = false;   // packet holds the next packet to send
   bool demux_eof = false;
   bool verify_next = false;   // check the first frame after a seek
+  bool primed = false;        // has decoded the stream's first packet
   int64_t next_packet = 0;    // decode index of the next packet to send
   int64_t next_frame = 0;     // index of the next frame the decoder outputs
-  int64_t last_decoded = -1;
   int64_t decode_errors = 0;
   std::vector<uint8_t> sent_skipped;  // frames whose packets were sent with AVDISCARD_NONREF since the last seek
   SeekPoint last_seek{0, 0};
@@ -662,6 +662,18 @@ class VideoReader : public torch::CustomClassHolder {
   // Positions the demuxer on packet sp.packet (held in d.packet) with a flushed decoder.
   void seek_to(Decoder& d, const SeekPoint& sp) {
     VIDFAST_NVTX_RANGE("decode/seek");
+    if (!d.primed && sp.packet > 0) {
+      // Decoders learn from the stream's first packet things that later packets rely on and a flush keeps (for
+      // H.264, the x264 build in its SEI, which switches on workarounds for old encoder bugs: without it, 4:4:4
+      // streams from old x264 decode to garbage after a seek). Decode it once before the first seek elsewhere.
+      seek_to(d, {0, 0});
+      d.held_packet = false;
+      if (avcodec_send_packet(d.codec, d.packet) >= 0) {
+        while (avcodec_receive_frame(d.codec, d.frame) == 0) av_frame_unref(d.frame);
+      }
+      av_packet_unref(d.packet);
+    }
+    d.primed = true;
     avcodec_flush_buffers(d.codec);
     d.held_packet = false;
     d.demux_eof = false;
@@ -777,7 +789,6 @@ class VideoReader : public torch::CustomClassHolder {
           flush_conversions(req, w);
           return;
         }
-        d.last_decoded = i;
         if (i < t) continue;  // decoded but not requested: never converted
         if (i > t) {  // only possible when frames are identified by pts
           TORCH_CHECK(skip_nonref_, "VideoReader: internal error: frame ", t, " was passed over");

@@ -61,7 +61,8 @@ class VideoReader:
         path: the video file.
         device: ``"cpu"``, or ``"cuda"`` / ``"cuda:N"`` to decode with NVDEC and return CUDA tensors (streams
             NVDEC cannot take, such as H.264 4:4:4, are decoded on the CPU with a warning).
-        threads: FFmpeg decoding threads; 0 lets FFmpeg choose (one per core). Use 1 inside DataLoader workers.
+        threads: decoding threads; 0 = automatic (FFmpeg's choice for one decoder, and up to torch's thread count
+            of decoders working on different GOPs in parallel). Use 1 inside DataLoader workers.
 
     Use it as a context manager, or call :meth:`close`, to release the file early. Open readers inside each
     DataLoader worker: a reader opened before a fork shares its file position with the children.
