@@ -8,13 +8,17 @@ forward, and forward + backward. Peers, timed in the same run on the same tensor
   loop    - one SDPA call per sequence on views of the packed tensors;
   nested  - SDPA on a jagged nested tensor (torch.nested, layout=torch.jagged).
 GFLOP/s counts useful work only: 4 L^2 H D per sequence forward, 2.5x that for the backward pass. "peak MiB" is the
-rise of the process's peak resident memory during one call. Run: python bench/attention.py [--quick]
+rise of the process's peak resident memory during one call (outputs and gradients included). Run: python bench/attention.py [--quick]
 """
 
 import argparse
-import math
+import ctypes
 import sys
 from pathlib import Path
+
+# Every allocation of 64 KiB or more gets its own mapping, returned on free, so the peak resident memory of a call
+# shows what it allocated (glibc would otherwise serve it from memory already resident).
+ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
