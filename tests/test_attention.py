@@ -86,8 +86,8 @@ def check_against_reference(q, k, v, cu_q, cu_k, causal, scale=None, device="cpu
     return out, lse
 
 
-# Lengths around the CPU tiles (128 queries x 256 keys), with empty and single-token sequences.
-LENGTHS = [[0, 1, 300, 129, 7, 0], [257]]
+# Lengths around the CPU tiles (256 queries x 512 keys), with empty and single-token sequences.
+LENGTHS = [[0, 1, 300, 257, 7, 0], [513]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -11,9 +11,9 @@
 namespace vidfast::attention::cpu {
 
 // Tile sizes: a query block of kBlockQ rows meets key blocks of kBlockK rows; the score tile [kBlockQ, kBlockK]
-// in float32 (128 KiB) and the key/value tiles stay in a core's L2 cache.
-constexpr int64_t kBlockQ = 128;
-constexpr int64_t kBlockK = 256;
+// in float32 (512 KiB) and the key/value tiles stay in a core's L2 cache.
+constexpr int64_t kBlockQ = 256;
+constexpr int64_t kBlockK = 512;
 
 #define VIDFAST_ATTENTION_CPU_KERNELS(isa)                                                                         \
   namespace isa {                                                                                                  \

@@ -66,38 +66,30 @@ Tile<acc_t> load_tile(const scalar_t* src, int64_t row_stride, int64_t rows, int
   }
 }
 
-// s[j] *= scale for j < n; returns the maximum of the scaled values.
+// The maximum of s[0, n).
 template <typename acc_t>
-acc_t scale_and_max(acc_t* s, int64_t n, acc_t scale) {
+acc_t row_maximum(const acc_t* s, int64_t n) {
   using Vec = at::vec::Vectorized<acc_t>;
-  const Vec vscale(scale);
   Vec vmax(-INFINITY);
   int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec x = Vec::loadu(s + j) * vscale;
-    x.store(s + j);
-    vmax = at::vec::maximum(vmax, x);
-  }
+  for (; j + Vec::size() <= n; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
   acc_t lanes[Vec::size()];
   vmax.store(lanes);
   acc_t m = -INFINITY;
   for (int64_t i = 0; i < Vec::size(); ++i) m = std::max(m, lanes[i]);
-  for (; j < n; ++j) {
-    s[j] *= scale;
-    m = std::max(m, s[j]);
-  }
+  for (; j < n; ++j) m = std::max(m, s[j]);
   return m;
 }
 
-// s[j] = exp(scale * s[j] - shift) for j < n; returns their sum.
+// s[j] = exp(s[j] - shift) for j < n; returns their sum.
 template <typename acc_t>
-acc_t exp_and_sum(acc_t* s, int64_t n, acc_t scale, acc_t shift) {
+acc_t exp_and_sum(acc_t* s, int64_t n, acc_t shift) {
   using Vec = at::vec::Vectorized<acc_t>;
-  const Vec vscale(scale), vshift(shift);
+  const Vec vshift(shift);
   Vec vsum(0);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec e = (Vec::loadu(s + j) * vscale - vshift).exp_u20();
+    const Vec e = (Vec::loadu(s + j) - vshift).exp_u20();
     e.store(s + j);
     vsum = vsum + e;
   }
@@ -106,7 +98,7 @@ acc_t exp_and_sum(acc_t* s, int64_t n, acc_t scale, acc_t shift) {
   acc_t sum = 0;
   for (int64_t i = 0; i < Vec::size(); ++i) sum += lanes[i];
   for (; j < n; ++j) {
-    s[j] = std::exp(scale * s[j] - shift);
+    s[j] = std::exp(s[j] - shift);
     sum += s[j];
   }
   return sum;
@@ -162,15 +154,15 @@ void forward_typed(const Params& p, const at::Tensor& q, const at::Tensor& k, co
       for (int64_t kb = 0; kb < keys; kb += kBlockK) {
         const int64_t n = std::min(kBlockK, keys - kb);
         const Tile<acc_t> kt = load_tile(k_ptr + (s.k0 + kb) * ks0 + hk * ks1, ks0, n, d, k_buf.data());
-        gemm(false, true, rows, n, d, acc_t(1), qt.data, qt.ld, kt.data, kt.ld, acc_t(0), probs.data(), kBlockK);
+        gemm(false, true, rows, n, d, scale, qt.data, qt.ld, kt.data, kt.ld, acc_t(0), probs.data(), kBlockK);
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* row = probs.data() + r * kBlockK;
           const int64_t valid = std::clamp<int64_t>(key_end(i0 + r, s.lq, s.lk, p.causal) - kb, 0, n);
           std::fill(row + valid, row + n, acc_t(0));
           if (valid == 0) continue;
-          const acc_t m_new = std::max(row_max[r], scale_and_max(row, valid, scale));
+          const acc_t m_new = std::max(row_max[r], row_maximum(row, valid));
           const acc_t alpha = softmax_rescale(row_max[r], m_new);
-          row_sum[r] = row_sum[r] * alpha + exp_and_sum(row, valid, acc_t(1), softmax_shift(m_new));
+          row_sum[r] = row_sum[r] * alpha + exp_and_sum(row, valid, softmax_shift(m_new));
           row_max[r] = m_new;
           if (alpha != acc_t(1)) {
             acc_t* a = acc.data() + r * d;
@@ -267,12 +259,13 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
             const int64_t n = std::min(kBlockK, keys - kb);
             const Tile<acc_t> kt = load_tile(k_ptr + (s.k0 + kb) * ks0 + hk * ks1, ks0, n, d, k_buf.data());
             const Tile<acc_t> vt = load_tile(v_ptr + (s.k0 + kb) * vs0 + hk * vs1, vs0, n, d, v_buf.data());
-            gemm(false, true, rows, n, d, acc_t(1), qt.data, qt.ld, kt.data, kt.ld, acc_t(0), probs.data(), kBlockK);
+            // Scaled in the GEMM exactly as in the forward pass, so p matches the forward's lse to the last bit.
+            gemm(false, true, rows, n, d, scale, qt.data, qt.ld, kt.data, kt.ld, acc_t(0), probs.data(), kBlockK);
             for (int64_t r = 0; r < rows; ++r) {
               acc_t* row = probs.data() + r * kBlockK;
               const int64_t valid = std::clamp<int64_t>(key_end(i0 + r, s.lq, s.lk, p.causal) - kb, 0, n);
               std::fill(row + valid, row + n, acc_t(0));
-              exp_and_sum(row, valid, scale, shift[r]);
+              exp_and_sum(row, valid, shift[r]);
             }
             // dV += P^T dO, dP = dO V^T, dS = P * (dP - delta), dQ += scale dS K, dK += scale dS^T Q.
             gemm(true, false, n, d, rows, acc_t(1), probs.data(), kBlockK, dot.data, dot.ld, acc_t(1),

@@ -1,0 +1,183 @@
+"""Varlen attention on the CPU: ours against the PyTorch paths a model could take, and the machine's matmul rate.
+
+Workloads use ViT-B heads (12 x 64): the real token counts RLT keeps on 8 clips of 16 x 224 x 224 cut from the
+sample videos, and synthetic length spreads (all kept, about half, about a quarter, one long sequence). Passes:
+forward, and forward + backward. Peers, timed in the same run on the same tensors:
+  padded  - F.scaled_dot_product_attention on the batch padded to the longest sequence, with a key-padding mask
+            (padding and unpadding are not timed: generous to this path);
+  loop    - one SDPA call per sequence on views of the packed tensors;
+  nested  - SDPA on a jagged nested tensor (torch.nested, layout=torch.jagged).
+GFLOP/s counts useful work only: 4 L^2 H D per sequence forward, 2.5x that for the backward pass. "peak MiB" is the
+rise of the process's peak resident memory during one call (outputs and gradients included). Run: python bench/attention.py [--quick]
+"""
+
+import argparse
+import ctypes
+import sys
+from pathlib import Path
+
+# Every allocation of 64 KiB or more gets its own mapping, returned on free, so the peak resident memory of a call
+# shows what it allocated (glibc would otherwise serve it from memory already resident).
+ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from bench.common import markdown_table, matmul_rate, time_fn, write_json  # noqa: E402
+from pyvidfast.ops import rlt_tokenize, varlen_attention  # noqa: E402
+from pyvidfast.samples import CLIPS, decode_frames, sample_path  # noqa: E402
+
+HEADS, HEAD_DIM = 12, 64
+FULL = 8 * 14 * 14  # tokens of a 16 x 224 x 224 clip with 2 x 16 x 16 tubelets
+
+
+def rlt_lengths(clips=8, frames=16, size=224):
+    names = list(CLIPS)
+    videos = [
+        decode_frames(sample_path(names[i % len(names)]), frames, start=(i // len(names)) * 48, stride=2,
+                      size=(size, size))
+        for i in range(clips)
+    ]
+    tokens = rlt_tokenize(torch.stack(videos))
+    return (tokens.cu_seqlens[1:] - tokens.cu_seqlens[:-1]).tolist()
+
+
+def workloads(quick):
+    gen = torch.Generator().manual_seed(0)
+    spread = lambda lo, hi: torch.randint(int(lo * FULL), int(hi * FULL) + 1, (8,), generator=gen).tolist()  # noqa
+    loads = {"rlt-8-clips": rlt_lengths(), "all-kept": [FULL] * 8, "half-kept": spread(0.25, 0.75),
+             "quarter-kept": spread(0.1, 0.4), "one-long": [4 * FULL]}
+    if quick:
+        loads = {k: loads[k] for k in ("rlt-8-clips", "half-kept")}
+    return loads
+
+
+def peak_rss_rise_mib(fn):
+    """Peak resident memory reached during fn() minus the resident memory before, via /proc (Linux)."""
+    status = Path("/proc/self/status")
+    clear = Path("/proc/self/clear_refs")
+    if not (status.exists() and clear.exists()):
+        return float("nan")
+
+    def field(name):
+        for line in status.read_text().splitlines():
+            if line.startswith(name):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    try:
+        clear.write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return float("nan")
+    before = field("VmRSS:")
+    fn()
+    return field("VmHWM:") - before
+
+
+class Problem:
+    def __init__(self, lengths, dtype):
+        self.lengths, self.dtype = lengths, dtype
+        n, longest = sum(lengths), max(lengths)
+        self.cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        self.max = longest
+        self.packed = [torch.randn(n, HEADS, HEAD_DIM, dtype=dtype) for _ in range(3)]
+        self.grad = torch.randn(n, HEADS, HEAD_DIM, dtype=dtype)
+        # Padded [B, H, Lmax, D] copies and the key-padding mask [B, 1, 1, Lmax].
+        b = len(lengths)
+        self.padded = []
+        for t in self.packed:
+            p = t.new_zeros(b, longest, HEADS, HEAD_DIM)
+            for i, (s, e) in enumerate(zip(self.cu[:-1].tolist(), self.cu[1:].tolist())):
+                p[i, : e - s] = t[s:e]
+            self.padded.append(p.transpose(1, 2))
+        self.mask = (torch.arange(longest)[None] < torch.tensor(lengths)[:, None]).view(b, 1, 1, longest)
+        self.padded_grad = torch.randn_like(self.padded[0])
+        self.offsets = self.cu.long()
+        self.flops = sum(4 * l * l * HEADS * HEAD_DIM for l in lengths)
+
+    def paths(self, backward):
+        def run(make_leaves, forward, grad):
+            leaves = make_leaves()
+            out = forward(*leaves)
+            if backward:
+                out.backward(grad if grad.shape == out.shape else grad.view_as(out))
+            return out
+
+        packed_leaves = lambda: [t.detach().requires_grad_(backward) for t in self.packed]  # noqa: E731
+        padded_leaves = lambda: [t.detach().requires_grad_(backward) for t in self.padded]  # noqa: E731
+
+        def ours(q, k, v):
+            return varlen_attention(q, k, v, self.cu, self.cu, self.max, self.max)
+
+        def padded(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+        bounds = list(zip(self.cu[:-1].tolist(), self.cu[1:].tolist()))
+
+        def loop(q, k, v):
+            outs = [
+                F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1)[None] for t in (q, k, v)))[0].transpose(0, 1)
+                for s, e in bounds
+            ]
+            return torch.cat(outs)
+
+        def nested(q, k, v):
+            nts = [torch.nested.nested_tensor_from_jagged(t, self.offsets).transpose(1, 2) for t in (q, k, v)]
+            return F.scaled_dot_product_attention(*nts).transpose(1, 2).values()
+
+        return {
+            "ours": lambda: run(packed_leaves, ours, self.grad),
+            "padded": lambda: run(padded_leaves, padded, self.padded_grad),
+            "loop": lambda: run(packed_leaves, loop, self.grad),
+            "nested": lambda: run(packed_leaves, nested, self.grad),
+        }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="two workloads, for a smoke run")
+    args = parser.parse_args()
+
+    mm = {str(d): matmul_rate(1024, d)["gflop_per_s"] for d in (torch.float32, torch.bfloat16)}
+    loads = workloads(args.quick)
+    cases = [(w, d, bwd) for w in loads for d in (torch.float32, torch.bfloat16) for bwd in (False, True)]
+    results, rows = [], []
+    for name, dtype, backward in tqdm(cases, desc="attention"):
+        problem = Problem(loads[name], dtype)
+        flops = problem.flops * (3.5 if backward else 1.0)
+        entry = {"workload": name, "dtype": str(dtype), "pass": "fwd+bwd" if backward else "fwd",
+                 "lengths": problem.lengths, "kept": sum(problem.lengths) / (FULL * len(problem.lengths)),
+                 "gflop": flops / 1e9, "paths": {}}
+        for path, fn in problem.paths(backward).items():
+            # The nested path runs PyTorch's math kernel (slow): one repeat is enough to place it.
+            repeats = 1 if path == "nested" else args.repeats
+            t = time_fn(fn, repeats=repeats, warmup=1)
+            t["gflop_per_s"] = flops / (t["median_ms"] * 1e-3) / 1e9
+            t["peak_mib"] = peak_rss_rise_mib(fn)
+            entry["paths"][path] = t
+        p = entry["paths"]
+        best_peer = min(("padded", "loop", "nested"), key=lambda k: p[k]["median_ms"])
+        entry["speedup_vs_best_peer"] = p[best_peer]["median_ms"] / p["ours"]["median_ms"]
+        entry["speedup_vs_padded"] = p["padded"]["median_ms"] / p["ours"]["median_ms"]
+        entry["fraction_of_mm"] = p["ours"]["gflop_per_s"] / mm[str(dtype)]
+        results.append(entry)
+        rows.append([name, str(dtype).replace("torch.", ""), entry["pass"], f"{entry['kept']:.0%}",
+                     p["ours"]["median_ms"], p["padded"]["median_ms"], p["loop"]["median_ms"], p["nested"]["median_ms"],
+                     p["ours"]["gflop_per_s"], f"{entry['fraction_of_mm']:.0%}", entry["speedup_vs_best_peer"],
+                     entry["speedup_vs_padded"], f"{p['ours']['peak_mib']:.0f} / {p['padded']['peak_mib']:.0f}"])
+    headers = ["workload", "dtype", "pass", "kept", "ours ms", "padded ms", "loop ms", "nested ms", "ours GFLOP/s",
+               "of mm", "x best peer", "x padded", "peak MiB ours / padded"]
+    table = markdown_table(headers, rows)
+    print(f"torch.mm 1024^3: float32 {mm[str(torch.float32)]:.0f} GFLOP/s, "
+          f"bfloat16 {mm[str(torch.bfloat16)]:.0f} GFLOP/s, {torch.get_num_threads()} threads")
+    print(table)
+    path = write_json("attention", {"matmul_gflop_per_s": mm, "results": results, "table": table})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
