@@ -5,7 +5,7 @@ find_package(Python REQUIRED COMPONENTS Interpreter)
 
 execute_process(
   COMMAND "${Python_EXECUTABLE}" -c
-    "import os, torch; print(torch.utils.cmake_prefix_path); print(torch.version.cuda or ''); print(os.path.dirname(os.path.dirname(torch.__file__)))"
+    "import os, torch; print(torch.utils.cmake_prefix_path); print(torch.version.cuda or ''); print(os.path.dirname(os.path.dirname(torch.__file__))); print(torch.__version__.split('+')[0]); print(int(torch._C._GLIBCXX_USE_CXX11_ABI))"
   OUTPUT_VARIABLE _torch_info OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE _torch_rc)
 if(NOT _torch_rc EQUAL 0)
   message(FATAL_ERROR "pyvidfast: '${Python_EXECUTABLE}' cannot import torch. Install torch first and build with "
@@ -15,6 +15,8 @@ string(REPLACE "\n" ";" _torch_info "${_torch_info}")
 list(GET _torch_info 0 _torch_prefix)
 list(GET _torch_info 1 VIDFAST_TORCH_CUDA)
 list(GET _torch_info 2 VIDFAST_SITE_PACKAGES)
+list(GET _torch_info 3 VIDFAST_TORCH_VERSION)
+list(GET _torch_info 4 _torch_cxx11_abi)
 list(APPEND CMAKE_PREFIX_PATH "${_torch_prefix}")
 
 # The real nvcc: /usr/local/bin/nvcc may be a shell wrapper, from which torch's config would derive a wrong
@@ -90,5 +92,20 @@ if(VIDFAST_WITH_CUDA)
   endif()
 endif()
 
-find_package(Torch REQUIRED)
-separate_arguments(TORCH_CXX_FLAGS_LIST UNIX_COMMAND "${TORCH_CXX_FLAGS}")
+if(VIDFAST_WITH_CUDA)
+  find_package(Torch REQUIRED)
+  separate_arguments(TORCH_CXX_FLAGS_LIST UNIX_COMMAND "${TORCH_CXX_FLAGS}")
+else()
+  # CPU-only: link torch's CPU libraries directly. find_package(Torch) would insist on a CUDA toolkit whenever the
+  # installed torch is a CUDA build, even though CPU kernels need none of it.
+  set(_torch_dir "${VIDFAST_SITE_PACKAGES}/torch")
+  add_library(vidfast_torch_cpu INTERFACE)
+  target_include_directories(vidfast_torch_cpu SYSTEM INTERFACE "${_torch_dir}/include"
+                                                                "${_torch_dir}/include/torch/csrc/api/include")
+  foreach(lib c10 torch_cpu torch)
+    find_library(_lib_${lib} ${lib} PATHS "${_torch_dir}/lib" NO_DEFAULT_PATH REQUIRED)
+    target_link_libraries(vidfast_torch_cpu INTERFACE "${_lib_${lib}}")
+  endforeach()
+  set(TORCH_LIBRARIES vidfast_torch_cpu)
+  set(TORCH_CXX_FLAGS_LIST "-D_GLIBCXX_USE_CXX11_ABI=${_torch_cxx11_abi}")
+endif()

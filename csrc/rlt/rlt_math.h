@@ -41,8 +41,17 @@ VIDFAST_HD double distance_from_sum(double sum_abs_diff, int64_t patch) {
 // A token is kept when it starts the clip or its distance is strictly above the threshold.
 VIDFAST_HD bool keep_token(int64_t t, double distance, double threshold) { return t == 0 || distance > threshold; }
 
-VIDFAST_HD float normalize_u8(int value, double mean, double std) {
-  return float((double(value) / 255.0 - mean) / std);
+VIDFAST_HD double normalize_u8(int value, double mean, double std) { return (double(value) / 255.0 - mean) / std; }
+
+// Element conversion for gathers: through double when either side is double, else through float (so that
+// half <-> bfloat16 works and float64 keeps its precision).
+template <typename out_t, typename in_t>
+VIDFAST_HD out_t cast_element(in_t v) {
+  if constexpr (sizeof(out_t) == 8 || sizeof(in_t) == 8) {
+    return out_t(double(v));
+  } else {
+    return out_t(float(v));
+  }
 }
 
 // Run lengths along one (h, w) column: a kept token lasts until the next kept token of the column or the clip's

@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> rlt_mask_cpu(const at::Tensor& video, int64_t
 
 // Copies one kept token's normalized pixels into its [c][dt][ph][pw] patch vector.
 template <typename out_t>
-void gather_token_uint8(const Grid& g, const uint8_t* video, const float (*lut)[256], int64_t b, int64_t t,
+void gather_token_uint8(const Grid& g, const uint8_t* video, const double (*lut)[256], int64_t b, int64_t t,
                         int64_t h, int64_t w, out_t* out) {
   const int64_t pp = g.patch * g.patch, channel_stride = g.tubelet * pp;
   for (int64_t dt = 0; dt < g.tubelet; ++dt) {
@@ -140,9 +140,9 @@ void gather_token_uint8(const Grid& g, const uint8_t* video, const float (*lut)[
       const uint8_t* src = video + g.thwc(b, t * g.tubelet + dt, h * g.patch + ph, w * g.patch);
       out_t* dst = out + dt * pp + ph * g.patch;
       for (int64_t pw = 0; pw < g.patch; ++pw) {
-        dst[pw] = out_t(lut[0][src[3 * pw]]);
-        dst[channel_stride + pw] = out_t(lut[1][src[3 * pw + 1]]);
-        dst[2 * channel_stride + pw] = out_t(lut[2][src[3 * pw + 2]]);
+        dst[pw] = cast_element<out_t>(lut[0][src[3 * pw]]);
+        dst[channel_stride + pw] = cast_element<out_t>(lut[1][src[3 * pw + 1]]);
+        dst[2 * channel_stride + pw] = cast_element<out_t>(lut[2][src[3 * pw + 2]]);
       }
     }
   }
@@ -156,7 +156,7 @@ void gather_token_float(const Grid& g, const in_t* video, int64_t b, int64_t t, 
         const in_t* src = video + g.cthw(b, c, t * g.tubelet + dt, h * g.patch + ph, w * g.patch);
         out_t* dst = out + ((c * g.tubelet + dt) * g.patch + ph) * g.patch;
 #pragma omp simd
-        for (int64_t pw = 0; pw < g.patch; ++pw) dst[pw] = out_t(float(src[pw]));
+        for (int64_t pw = 0; pw < g.patch; ++pw) dst[pw] = cast_element<out_t>(src[pw]);
       }
     }
   }
@@ -186,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rlt_tokenize_cpu(
   if (n == 0) return {patches, positions, token_lengths, cu_seqlens};
 
   VIDFAST_NVTX_RANGE("rlt/gather");
-  float lut[3][256];
+  double lut[3][256];
   for (int c = 0; c < 3; ++c)
     for (int v = 0; v < 256; ++v) lut[c][v] = normalize_u8(v, p.mean[c], p.std[c]);
   const int32_t* len_ptr = lengths.data_ptr<int32_t>();
