@@ -172,7 +172,7 @@ class Block(nn.Module):
 
 
 def make_blocks(dim, depth, num_heads, mlp_ratio, qkv_bias=True, drop=0.0, attn_drop=0.0, drop_path_rate=0.0):
-    rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth else []
+    rates = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]  # linear, 0 first
     return nn.ModuleList(Block(dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, r) for r in rates)
 
 
@@ -223,6 +223,7 @@ class VisionTransformer(nn.Module):
         self.num_classes, self.embed_dim, self.depth = num_classes, embed_dim, depth
         self.patch_size, self.tubelet_size, self.rlt_threshold = patch_size, tubelet_size, rlt_threshold
         self.patch_embed = PatchEmbed(img_size, patch_size, num_frames, tubelet_size, embed_dim)
+        self.img_size, self.num_frames, self.grid = img_size, num_frames, self.patch_embed.grid
         self.register_buffer("pos_embed", sinusoid_table(self.patch_embed.num_patches, embed_dim)[None],
                              persistent=False)
         # RLT's run-length embedding (one row per length 1..T'); off by default, as in every shipped RLT config.
@@ -361,6 +362,7 @@ class PretrainVisionTransformer(nn.Module):
                  drop_path_rate=0.0, num_frames=16, tubelet_size=2):
         super().__init__()
         self.patch_size, self.tubelet_size = patch_size, tubelet_size
+        self.img_size, self.num_frames = img_size, num_frames
         self.encoder = PretrainVisionTransformerEncoder(img_size, patch_size, encoder_embed_dim, encoder_depth,
                                                         encoder_num_heads, mlp_ratio, qkv_bias, drop_path_rate,
                                                         num_frames, tubelet_size)
@@ -552,17 +554,18 @@ SIZES = {
 
 
 def _finetune(size: str, **kwargs) -> VisionTransformer:
+    """The published size; keyword arguments override any setting (e.g. a tiny width for tests)."""
     width, depth, heads, patch, ratio, _ = SIZES[size]
-    return VisionTransformer(patch_size=patch, embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=ratio,
-                             **kwargs)
+    config = dict(patch_size=patch, embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=ratio)
+    return VisionTransformer(**{**config, **kwargs})
 
 
 def _pretrain(size: str, **kwargs) -> PretrainVisionTransformer:
     width, depth, heads, patch, ratio, (dec_width, dec_heads) = SIZES[size]
-    kwargs.setdefault("decoder_depth", 4)  # what every official pretraining script passes
-    return PretrainVisionTransformer(patch_size=patch, encoder_embed_dim=width, encoder_depth=depth,
-                                     encoder_num_heads=heads, decoder_embed_dim=dec_width,
-                                     decoder_num_heads=dec_heads, mlp_ratio=ratio, **kwargs)
+    config = dict(patch_size=patch, encoder_embed_dim=width, encoder_depth=depth, encoder_num_heads=heads,
+                  decoder_embed_dim=dec_width, decoder_num_heads=dec_heads, mlp_ratio=ratio,
+                  decoder_depth=4)  # decoder depth 4: what every official pretraining script passes
+    return PretrainVisionTransformer(**{**config, **kwargs})
 
 
 @register_model
