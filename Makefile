@@ -44,7 +44,7 @@ samples: venv
 	$(PY) -m pyvidfast samples
 
 bench: build samples
-	for b in bench/*.py; do [ "$$b" = bench/common.py ] || $(PY) $$b || exit 1; done
+	for b in bench/*.py; do m=$$(basename $$b .py); case $$m in common|__init__) ;; *) $(PY) -m bench.$$m || exit 1;; esac; done
 
 clean:
 	rm -rf build pyvidfast/_C*.so

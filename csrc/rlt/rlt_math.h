@@ -2,6 +2,7 @@
 // Arithmetic of run-length tokenization shared by the CPU and CUDA kernels: token grid geometry, which frames
 // are compared, the distance and keep rule, run lengths, normalization and the patch layout.
 #include <cstdint>
+#include <type_traits>
 
 #include "common/hostdevice.h"
 
@@ -41,17 +42,28 @@ VIDFAST_HD double distance_from_sum(double sum_abs_diff, int64_t patch) {
 // A token is kept when it starts the clip or its distance is strictly above the threshold.
 VIDFAST_HD bool keep_token(int64_t t, double distance, double threshold) { return t == 0 || distance > threshold; }
 
-VIDFAST_HD double normalize_u8(int value, double mean, double std) { return (double(value) / 255.0 - mean) / std; }
+// uint8 -> normalized value, (v / 255 - mean_c) / std_c, as one multiply-add per element in acc_t (float, or
+// double for float64 outputs).
+template <typename acc_t>
+struct U8Normalizer {
+  acc_t scale[3], bias[3];
+  VIDFAST_HD U8Normalizer(const double mean[3], const double std[3]) {
+    for (int c = 0; c < 3; ++c) {
+      scale[c] = acc_t(1.0 / (255.0 * std[c]));
+      bias[c] = acc_t(-mean[c] / std[c]);
+    }
+  }
+  VIDFAST_HD acc_t operator()(uint8_t v, int c) const { return acc_t(v) * scale[c] + bias[c]; }
+};
 
-// Element conversion for gathers: through double when either side is double, else through float (so that
+// Arithmetic type of element conversions: double when either side is double, else float (so that
 // half <-> bfloat16 works and float64 keeps its precision).
 template <typename out_t, typename in_t>
+using acc_type = std::conditional_t<sizeof(out_t) == 8 || sizeof(in_t) == 8, double, float>;
+
+template <typename out_t, typename in_t>
 VIDFAST_HD out_t cast_element(in_t v) {
-  if constexpr (sizeof(out_t) == 8 || sizeof(in_t) == 8) {
-    return out_t(double(v));
-  } else {
-    return out_t(float(v));
-  }
+  return out_t(acc_type<out_t, in_t>(v));
 }
 
 // Run lengths along one (h, w) column: a kept token lasts until the next kept token of the column or the clip's

@@ -6,8 +6,10 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
+#include "common/cpu_dispatch.h"
 #include "common/nvtx.h"
 #include "rlt/rlt.h"
 
@@ -15,7 +17,7 @@ namespace vidfast::rlt {
 namespace {
 
 // keep[b, t', h', w'] for one row (b, t', h') of tokens, from uint8 [B, T, H, W, 3].
-void keep_row_uint8(const Params& p, const uint8_t* video, int64_t b, int64_t t, int64_t h, bool* keep,
+VIDFAST_CPU_CLONES void keep_row_uint8(const Params& p, const uint8_t* video, int64_t b, int64_t t, int64_t h, bool* keep,
                     std::vector<int32_t>& acc) {
   const Grid& g = p.grid;
   const int64_t row_len = g.width * 3;
@@ -42,7 +44,7 @@ void keep_row_uint8(const Params& p, const uint8_t* video, int64_t b, int64_t t,
 
 // The same from floating [B, 3, T, H, W], already normalized; accumulates in double.
 template <typename scalar_t>
-void keep_row_float(const Params& p, const scalar_t* video, int64_t b, int64_t t, int64_t h, bool* keep,
+VIDFAST_CPU_CLONES void keep_row_float(const Params& p, const scalar_t* video, int64_t b, int64_t t, int64_t h, bool* keep,
                     std::vector<double>& acc) {
   const Grid& g = p.grid;
   acc.assign(g.width, 0.0);
@@ -130,35 +132,71 @@ std::tuple<at::Tensor, at::Tensor> rlt_mask_cpu(const at::Tensor& video, int64_t
   return {keep, lengths};
 }
 
-// Copies one kept token's normalized pixels into its [c][dt][ph][pw] patch vector.
-template <typename out_t>
-void gather_token_uint8(const Grid& g, const uint8_t* video, const double (*lut)[256], int64_t b, int64_t t,
-                        int64_t h, int64_t w, out_t* out) {
-  const int64_t pp = g.patch * g.patch, channel_stride = g.tubelet * pp;
+// float -> out_t for finite values. bfloat16 rounds to nearest even with plain integer arithmetic, which
+// vectorizes (c10's conversion branches on NaN, which cannot occur for normalized uint8 pixels).
+template <typename out_t, typename acc_t>
+inline out_t from_finite(acc_t v) {
+  if constexpr (std::is_same_v<out_t, c10::BFloat16>) {
+    uint32_t bits;
+    const float f = float(v);
+    std::memcpy(&bits, &f, sizeof(bits));
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return c10::BFloat16(uint16_t(bits >> 16), c10::BFloat16::from_bits());
+  } else {
+    return out_t(v);
+  }
+}
+
+// Copies one kept token's normalized pixels into its [c][dt][ph][pw] patch vector (de-interleaving RGB).
+// kPatch > 0 fixes the patch size at compile time (the common 14 and 16), so the row loops unroll into whole
+// vectors; kPatch == 0 reads it from the grid.
+template <int kPatch, typename out_t>
+VIDFAST_CPU_CLONES void gather_token_uint8(const Grid& g, const uint8_t* __restrict video,
+                                           const U8Normalizer<acc_type<out_t, uint8_t>>& norm, int64_t b, int64_t t,
+                                           int64_t h, int64_t w, out_t* __restrict out) {
+  const int64_t patch = kPatch > 0 ? kPatch : g.patch;
+  const int64_t pp = patch * patch, channel_stride = g.tubelet * pp;
+  const auto s0 = norm.scale[0], s1 = norm.scale[1], s2 = norm.scale[2];
+  const auto b0 = norm.bias[0], b1 = norm.bias[1], b2 = norm.bias[2];
   for (int64_t dt = 0; dt < g.tubelet; ++dt) {
-    for (int64_t ph = 0; ph < g.patch; ++ph) {
-      const uint8_t* src = video + g.thwc(b, t * g.tubelet + dt, h * g.patch + ph, w * g.patch);
-      out_t* dst = out + dt * pp + ph * g.patch;
-      for (int64_t pw = 0; pw < g.patch; ++pw) {
-        dst[pw] = cast_element<out_t>(lut[0][src[3 * pw]]);
-        dst[channel_stride + pw] = cast_element<out_t>(lut[1][src[3 * pw + 1]]);
-        dst[2 * channel_stride + pw] = cast_element<out_t>(lut[2][src[3 * pw + 2]]);
+    for (int64_t ph = 0; ph < patch; ++ph) {
+      const uint8_t* __restrict src = video + g.thwc(b, t * g.tubelet + dt, h * patch + ph, w * patch);
+      out_t* __restrict r = out + dt * pp + ph * patch;
+      out_t* __restrict gch = r + channel_stride;
+      out_t* __restrict bch = r + 2 * channel_stride;
+      for (int64_t pw = 0; pw < patch; ++pw) {
+        r[pw] = from_finite<out_t>(src[3 * pw] * s0 + b0);
+        gch[pw] = from_finite<out_t>(src[3 * pw + 1] * s1 + b1);
+        bch[pw] = from_finite<out_t>(src[3 * pw + 2] * s2 + b2);
       }
     }
   }
 }
 
-template <typename in_t, typename out_t>
-void gather_token_float(const Grid& g, const in_t* video, int64_t b, int64_t t, int64_t h, int64_t w, out_t* out) {
+template <int kPatch, typename in_t, typename out_t>
+VIDFAST_CPU_CLONES void gather_token_float(const Grid& g, const in_t* __restrict video, int64_t b, int64_t t,
+                                           int64_t h, int64_t w, out_t* __restrict out) {
+  const int64_t patch = kPatch > 0 ? kPatch : g.patch;
   for (int64_t c = 0; c < 3; ++c) {
     for (int64_t dt = 0; dt < g.tubelet; ++dt) {
-      for (int64_t ph = 0; ph < g.patch; ++ph) {
-        const in_t* src = video + g.cthw(b, c, t * g.tubelet + dt, h * g.patch + ph, w * g.patch);
-        out_t* dst = out + ((c * g.tubelet + dt) * g.patch + ph) * g.patch;
-#pragma omp simd
-        for (int64_t pw = 0; pw < g.patch; ++pw) dst[pw] = cast_element<out_t>(src[pw]);
+      for (int64_t ph = 0; ph < patch; ++ph) {
+        const in_t* __restrict src = video + g.cthw(b, c, t * g.tubelet + dt, h * patch + ph, w * patch);
+        out_t* __restrict dst = out + ((c * g.tubelet + dt) * patch + ph) * patch;
+        for (int64_t pw = 0; pw < patch; ++pw) dst[pw] = cast_element<out_t>(src[pw]);
       }
     }
+  }
+}
+
+// Calls fn with the patch size as a compile-time constant where it is a common one.
+template <typename Fn>
+void with_patch_size(int64_t patch, Fn&& fn) {
+  if (patch == 16) {
+    fn(std::integral_constant<int, 16>{});
+  } else if (patch == 14) {
+    fn(std::integral_constant<int, 14>{});
+  } else {
+    fn(std::integral_constant<int, 0>{});
   }
 }
 
@@ -186,9 +224,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rlt_tokenize_cpu(
   if (n == 0) return {patches, positions, token_lengths, cu_seqlens};
 
   VIDFAST_NVTX_RANGE("rlt/gather");
-  double lut[3][256];
-  for (int c = 0; c < 3; ++c)
-    for (int v = 0; v < 256; ++v) lut[c][v] = normalize_u8(v, p.mean[c], p.std[c]);
   const int32_t* len_ptr = lengths.data_ptr<int32_t>();
   int32_t* pos_out = positions.data_ptr<int32_t>();
   int32_t* len_out = token_lengths.data_ptr<int32_t>();
@@ -213,19 +248,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rlt_tokenize_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.out_dtype, "rlt_tokenize_cpu", [&] {
     using out_t = scalar_t;
     out_t* out = patches.data_ptr<out_t>();
-    if (p.is_uint8) {
-      const uint8_t* data = video.data_ptr<uint8_t>();
-      gather_rows([&](int64_t b, int64_t t, int64_t h, int64_t w,
-                      out_t* dst) { gather_token_uint8<out_t>(g, data, lut, b, t, h, w, dst); },
-                  out);
-    } else {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, video.scalar_type(), "rlt_tokenize_cpu_in", [&] {
-        const scalar_t* data = video.data_ptr<scalar_t>();
+    with_patch_size(g.patch, [&](auto patch_constant) {
+      constexpr int kPatch = decltype(patch_constant)::value;
+      if (p.is_uint8) {
+        const uint8_t* data = video.data_ptr<uint8_t>();
+        const U8Normalizer<acc_type<out_t, uint8_t>> norm(p.mean, p.std);
         gather_rows([&](int64_t b, int64_t t, int64_t h, int64_t w,
-                        out_t* dst) { gather_token_float<scalar_t, out_t>(g, data, b, t, h, w, dst); },
+                        out_t* dst) { gather_token_uint8<kPatch, out_t>(g, data, norm, b, t, h, w, dst); },
                     out);
-      });
-    }
+      } else {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, video.scalar_type(), "rlt_tokenize_cpu_in", [&] {
+          const scalar_t* data = video.data_ptr<scalar_t>();
+          gather_rows([&](int64_t b, int64_t t, int64_t h, int64_t w,
+                          out_t* dst) { gather_token_float<kPatch, scalar_t, out_t>(g, data, b, t, h, w, dst); },
+                      out);
+        });
+      }
+    });
   });
   return {patches, positions, token_lengths, cu_seqlens};
 }

@@ -104,7 +104,8 @@ __global__ void gather_kernel(Params p, const in_t* __restrict__ video, const bo
     const PatchElement el = patch_element(e, g.tubelet, g.patch);
     const int64_t frame = t * g.tubelet + el.dt, y = h * g.patch + el.ph, x = w * g.patch + el.pw;
     if constexpr (std::is_same_v<in_t, uint8_t>) {
-      out[e] = cast_element<out_t>(normalize_u8(video[g.thwc(b, frame, y, x) + el.c], p.mean[el.c], p.std[el.c]));
+      const U8Normalizer<acc_type<out_t, uint8_t>> norm(p.mean, p.std);
+      out[e] = out_t(norm(video[g.thwc(b, frame, y, x) + el.c], int(el.c)));
     } else {
       out[e] = cast_element<out_t>(video[g.cthw(b, el.c, frame, y, x)]);
     }
