@@ -148,3 +148,19 @@ def test_layer_decay_groups_and_schedule():
     assert cosine_factor(0, 4, 20, 0.1) == 0.25 and cosine_factor(3, 4, 20, 0.1) == 1.0
     assert cosine_factor(4, 4, 20, 0.1) == 1.0 and cosine_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
     assert cosine_factor(12, 4, 20, 0.0) == pytest.approx(0.5)
+
+
+def test_mixup_and_cutmix():
+    import numpy as np
+
+    from pyvidfast.train.loop import mix_batch
+
+    video = torch.arange(2.0).view(2, 1, 1, 1, 1).expand(2, 3, 2, 8, 8).contiguous()
+    targets = torch.eye(2)
+    mixed, soft = mix_batch(video, targets, 0.8, 0.0, np.random.default_rng(0))
+    lam = float(soft[0, 0])
+    assert torch.allclose(mixed[0], torch.full_like(mixed[0], 1 - lam)) and torch.allclose(soft.sum(1), torch.ones(2))
+    pasted, soft = mix_batch(video, targets, 0.0, 1.0, np.random.default_rng(1))
+    share_from_other = float((pasted[0] == 1).float().mean())
+    assert float(soft[0, 1]) == pytest.approx(share_from_other)  # the target follows the pasted area
+    assert (pasted[0, :, 0] == pasted[0, :, 1]).all()  # the same box in every frame

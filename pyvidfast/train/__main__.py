@@ -59,6 +59,8 @@ def main(argv=None) -> None:
     finetune.add_argument("--init", default=None, help="checkpoint to start from (official, HF, or pretrain run)")
     finetune.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay (1: none)")
     finetune.add_argument("--label-smoothing", type=float, default=0.0)
+    finetune.add_argument("--mixup", type=float, default=0.0, help="mixup Beta alpha (0: off; the recipe uses 0.8)")
+    finetune.add_argument("--cutmix", type=float, default=0.0, help="CutMix Beta alpha (0: off; the recipe uses 1.0)")
     finetune.add_argument("--rlt", action="store_true", help="train on RLT-packed tokens")
 
     evaluate = sub.add_parser("eval", help="multi-view evaluation: top-1/top-5 of softmax averaged over views")

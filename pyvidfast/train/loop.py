@@ -222,9 +222,15 @@ def train(args, task: str) -> list[float]:
                 decode_mask = None if decode_mask is None else decode_mask.to(ctx.device)
                 loss = pretrain_loss(model, normalize_video(clips), mask.to(ctx.device), decode_mask)
             else:
-                inputs = core.tokenize(clips) if args.rlt else normalize_video(clips)
+                targets = F.one_hot(labels.to(ctx.device), core.num_classes).float()
+                if args.mixup > 0 or args.cutmix > 0:
+                    rng = np.random.default_rng(seeds[0])  # seeded per step: reproducible on resume
+                    video, targets = mix_batch(normalize_video(clips), targets, args.mixup, args.cutmix, rng)
+                    inputs = core.tokenize(video) if args.rlt else video
+                else:
+                    inputs = core.tokenize(clips) if args.rlt else normalize_video(clips)
                 logits = model(inputs)
-                loss = F.cross_entropy(logits.float(), labels.to(ctx.device), label_smoothing=args.label_smoothing)
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=args.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad if args.clip_grad > 0
@@ -245,6 +251,26 @@ def train(args, task: str) -> list[float]:
     metrics.close()
     ctx.close()
     return losses
+
+
+def mix_batch(video: torch.Tensor, targets: torch.Tensor, mixup: float, cutmix: float,
+              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (blend) or CutMix (paste a box, the same in every frame) of each clip with the batch's reversed
+    order; the one-hot targets mix in the same proportion. With both alphas set, each step picks one at random."""
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(rng.beta(alpha, alpha))
+    other = video.flip(0)
+    if use_cutmix:
+        height, width = video.shape[-2:]
+        box_h, box_w = int(height * (1 - lam) ** 0.5), int(width * (1 - lam) ** 0.5)
+        top, left = int(rng.integers(height - box_h + 1)), int(rng.integers(width - box_w + 1))
+        video = video.clone()
+        video[..., top:top + box_h, left:left + box_w] = other[..., top:top + box_h, left:left + box_w]
+        lam = 1 - box_h * box_w / (height * width)
+    else:
+        video = lam * video + (1 - lam) * other
+    return video, lam * targets + (1 - lam) * targets.flip(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
