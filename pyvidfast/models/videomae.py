@@ -296,13 +296,15 @@ class VisionTransformer(nn.Module):
             state = {k.removeprefix("encoder."): v for k, v in state.items() if not k.startswith(decoder_only)}
             state.pop("norm.weight", None)  # the pretraining encoder's final norm; mean pooling uses fc_norm
             state.pop("norm.bias", None)
-        if "head.weight" in state and state["head.weight"].shape != getattr(self.head, "weight", torch.empty(0)).shape:
+        own_keys = self.state_dict()
+        # A pretraining encoder brings neither fc_norm nor head: both keep their initialization.
+        allowed_missing = {k for k in own_keys if k.startswith(("fc_norm.", "head."))} if from_pretraining else set()
+        if "head.weight" in state and state["head.weight"].shape != own_keys.get("head.weight", torch.empty(0)).shape:
             warnings.warn(f"checkpoint head {tuple(state['head.weight'].shape)} does not fit the model's "
                           f"{self.num_classes} classes; keeping the model's head")
             state.pop("head.weight")
             state.pop("head.bias", None)
-            from_pretraining = True  # the head is now allowed to be missing
-        allowed_missing = {k for k in self.state_dict() if k.startswith(("fc_norm.", "head."))} if from_pretraining else set()
+            allowed_missing |= {"head.weight", "head.bias"}
         if self.length_embed is not None:
             allowed_missing.add("length_embed")
         _load_exact(self, state, allowed_missing)
