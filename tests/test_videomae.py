@@ -332,3 +332,15 @@ def test_compare_dense_packed(real_clips):
     assert result["dense_logits"].shape == result["packed_logits"].shape == (2, 5)
     assert len(result["tokens_kept"]) == 2 and 0 < result["share_kept"] <= 1
     assert result["dense_ms"] > 0 and result["packed_ms"] > 0
+
+
+def test_drop_path_drops_whole_clips_on_packed_input():
+    from pyvidfast.models.videomae import DropPath, Packing
+
+    drop = DropPath(0.5).train()
+    cu = torch.tensor([0, 3, 10, 12], dtype=torch.int32)
+    out = drop(torch.ones(12, 4), Packing(cu, 7))
+    for b in range(3):
+        clip = out[cu[b]:cu[b + 1]]
+        assert torch.all(clip == clip[0, 0]) and float(clip[0, 0]) in (0.0, 2.0)
+    assert torch.equal(drop.eval()(torch.ones(12, 4), Packing(cu, 7)), torch.ones(12, 4))

@@ -138,16 +138,21 @@ class Mlp(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per sample (per token on packed input)."""
+    """Stochastic depth: drops the whole residual branch per clip (on packed input: all tokens of a clip)."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, packing: Packing | None = None) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        if packing is None:
+            keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        else:
+            counts = (packing.cu_seqlens[1:] - packing.cu_seqlens[:-1]).long()
+            per_clip = x.new_empty(counts.numel()).bernoulli_(1.0 - self.p)
+            keep = torch.repeat_interleave(per_clip, counts, output_size=x.shape[0]).unsqueeze(1)
         return x * keep / (1.0 - self.p)
 
     def extra_repr(self) -> str:
@@ -167,8 +172,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)  # int() of the product, as the official code
 
     def forward(self, x: Tensor, packing: Packing | None = None) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), packing))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.attn(self.norm1(x), packing), packing)
+        return x + self.drop_path(self.mlp(self.norm2(x)), packing)
 
 
 def make_blocks(dim, depth, num_heads, mlp_ratio, qkv_bias=True, drop=0.0, attn_drop=0.0, drop_path_rate=0.0):
