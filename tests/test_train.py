@@ -11,6 +11,7 @@ import torch
 
 import pyvidfast
 from pyvidfast import samples
+from pyvidfast.models import create_model
 from pyvidfast.models.videomae import VisionTransformer
 from pyvidfast.train.__main__ import main as train_main
 from pyvidfast.train.data import StepSampler
@@ -61,6 +62,10 @@ def test_pretrain_loss_falls(video_list, tmp_path):
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert set(checkpoint) == {"model", "optimizer", "scheduler", "step", "rng", "args"}
     assert checkpoint["step"] == 12 and not list(tmp_path.glob("*.tmp"))
+    # The run's checkpoint initialises a classifier (the encoder; fc_norm and head stay new).
+    classifier = create_model("videomae_vit_small_patch16_224", pretrained=str(tmp_path / "checkpoint.pth"),
+                              **json.loads(TINY_CLASSIFIER))
+    assert torch.equal(classifier.blocks[1].mlp.fc2.weight, checkpoint["model"]["encoder.blocks.1.mlp.fc2.weight"])
 
 
 def test_finetune_loss_falls_and_eval(video_list, tmp_path):
