@@ -1,5 +1,6 @@
 """Python wrappers, fake kernels and autograd formulas of the ``torch.ops.vidfast`` custom ops."""
 
+from pyvidfast.ops.attention import varlen_attention
 from pyvidfast.ops.rlt import IMAGENET_MEAN, IMAGENET_STD, PackedTokens, RLTTokenizer, rlt_mask, rlt_tokenize
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PackedTokens", "RLTTokenizer", "rlt_mask", "rlt_tokenize"]

@@ -1,0 +1,337 @@
+// Tiled CPU kernels of varlen attention (flash-attention's algorithm): for each (sequence, head, query block) the
+// key/value blocks stream through an online softmax, so no score matrix larger than one tile exists. Products of
+// tiles are float32 GEMMs; softmax passes use at::vec (exp_u20), compiled for the CPU_CAPABILITY of the including
+// file. Work is spread over threads by a shared counter, largest tasks first, because sequence lengths differ.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "common/nvtx.h"
+#include "varlen_attention/cpu/gemm.h"
+#include "varlen_attention/cpu/kernel.h"
+
+namespace vidfast::attention::cpu::CPU_CAPABILITY {
+namespace {
+
+// Runs worker(next) on up to get_num_threads() threads; next() hands out task indices until none is left (-1).
+template <typename Worker>
+void parallel_dynamic(int64_t num_tasks, const Worker& worker) {
+  if (num_tasks == 0) return;
+  std::atomic<int64_t> counter{0};
+  auto next = [&]() -> int64_t {
+    const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
+    return t < num_tasks ? t : -1;
+  };
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_tasks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(next); });
+}
+
+struct Task {
+  int64_t cost;
+  int32_t seq, head, row_begin, rows;
+};
+
+// Orders tasks by decreasing cost so the long ones start first and the short ones fill the gaps.
+void sort_by_cost(std::vector<Task>& tasks) {
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
+}
+
+// A tile of `rows` rows of D values in the accumulation type (float32, float64 for float64 inputs), row-major with
+// leading dimension `ld`: inputs already of that type are used in place, others are converted into `buffer`.
+template <typename acc_t>
+struct Tile {
+  const acc_t* data;
+  int64_t ld;
+};
+
+template <typename scalar_t, typename acc_t>
+Tile<acc_t> load_tile(const scalar_t* src, int64_t row_stride, int64_t rows, int64_t d, acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return {src, row_stride};
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* s = src + r * row_stride;
+      acc_t* o = buffer + r * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) o[c] = acc_t(s[c]);
+    }
+    return {buffer, d};
+  }
+}
+
+// s[j] *= scale for j < n; returns the maximum of the scaled values.
+template <typename acc_t>
+acc_t scale_and_max(acc_t* s, int64_t n, acc_t scale) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec vscale(scale);
+  Vec vmax(-INFINITY);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec x = Vec::loadu(s + j) * vscale;
+    x.store(s + j);
+    vmax = at::vec::maximum(vmax, x);
+  }
+  acc_t lanes[Vec::size()];
+  vmax.store(lanes);
+  acc_t m = -INFINITY;
+  for (int64_t i = 0; i < Vec::size(); ++i) m = std::max(m, lanes[i]);
+  for (; j < n; ++j) {
+    s[j] *= scale;
+    m = std::max(m, s[j]);
+  }
+  return m;
+}
+
+// s[j] = exp(scale * s[j] - shift) for j < n; returns their sum.
+template <typename acc_t>
+acc_t exp_and_sum(acc_t* s, int64_t n, acc_t scale, acc_t shift) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec vscale(scale), vshift(shift);
+  Vec vsum(0);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec e = (Vec::loadu(s + j) * vscale - vshift).exp_u20();
+    e.store(s + j);
+    vsum = vsum + e;
+  }
+  acc_t lanes[Vec::size()];
+  vsum.store(lanes);
+  acc_t sum = 0;
+  for (int64_t i = 0; i < Vec::size(); ++i) sum += lanes[i];
+  for (; j < n; ++j) {
+    s[j] = std::exp(scale * s[j] - shift);
+    sum += s[j];
+  }
+  return sum;
+}
+
+struct SeqBounds {
+  int64_t q0, lq, k0, lk;
+};
+
+SeqBounds bounds(const int32_t* cu_q, const int32_t* cu_k, int64_t b) {
+  return {cu_q[b], int64_t(cu_q[b + 1]) - cu_q[b], cu_k[b], int64_t(cu_k[b + 1]) - cu_k[b]};
+}
+
+template <typename scalar_t>
+void forward_typed(const Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const int32_t* cu_q, const int32_t* cu_k, at::Tensor& out, at::Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t scale = acc_t(p.scale);
+  const int64_t d = p.head_dim;
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SeqBounds s = bounds(cu_q, cu_k, b);
+    for (int64_t i0 = 0; i0 < s.lq; i0 += kBlockQ) {
+      const int64_t rows = std::min(kBlockQ, s.lq - i0);
+      const int64_t keys = key_end(i0 + rows - 1, s.lq, s.lk, p.causal);
+      for (int64_t h = 0; h < p.heads; ++h) {
+        tasks.push_back({rows * (keys + d), int32_t(b), int32_t(h), int32_t(i0), int32_t(rows)});
+      }
+    }
+  }
+  sort_by_cost(tasks);
+
+  const scalar_t* q_ptr = q.data_ptr<scalar_t>();
+  const scalar_t* k_ptr = k.data_ptr<scalar_t>();
+  const scalar_t* v_ptr = v.data_ptr<scalar_t>();
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  acc_t* lse_ptr = lse.data_ptr<acc_t>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
+
+  parallel_dynamic(int64_t(tasks.size()), [&](auto next) {
+    std::vector<acc_t> q_buf(kBlockQ * d), k_buf(kBlockK * d), v_buf(kBlockK * d), probs(kBlockQ * kBlockK);
+    std::vector<acc_t> acc(kBlockQ * d), row_max(kBlockQ), row_sum(kBlockQ);
+    for (int64_t t = next(); t >= 0; t = next()) {
+      const Task& task = tasks[t];
+      const SeqBounds s = bounds(cu_q, cu_k, task.seq);
+      const int64_t h = task.head, hk = h / p.group(), i0 = task.row_begin, rows = task.rows;
+      const Tile<acc_t> qt = load_tile(q_ptr + (s.q0 + i0) * qs0 + h * qs1, qs0, rows, d, q_buf.data());
+      std::fill(row_max.begin(), row_max.end(), -INFINITY);
+      std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+      std::fill(acc.begin(), acc.begin() + rows * d, acc_t(0));
+      const int64_t keys = key_end(i0 + rows - 1, s.lq, s.lk, p.causal);
+      for (int64_t kb = 0; kb < keys; kb += kBlockK) {
+        const int64_t n = std::min(kBlockK, keys - kb);
+        const Tile<acc_t> kt = load_tile(k_ptr + (s.k0 + kb) * ks0 + hk * ks1, ks0, n, d, k_buf.data());
+        gemm(false, true, rows, n, d, acc_t(1), qt.data, qt.ld, kt.data, kt.ld, acc_t(0), probs.data(), kBlockK);
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* row = probs.data() + r * kBlockK;
+          const int64_t valid = std::clamp<int64_t>(key_end(i0 + r, s.lq, s.lk, p.causal) - kb, 0, n);
+          std::fill(row + valid, row + n, acc_t(0));
+          if (valid == 0) continue;
+          const acc_t m_new = std::max(row_max[r], scale_and_max(row, valid, scale));
+          const acc_t alpha = softmax_rescale(row_max[r], m_new);
+          row_sum[r] = row_sum[r] * alpha + exp_and_sum(row, valid, acc_t(1), softmax_shift(m_new));
+          row_max[r] = m_new;
+          if (alpha != acc_t(1)) {
+            acc_t* a = acc.data() + r * d;
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) a[c] *= alpha;
+          }
+        }
+        const Tile<acc_t> vt = load_tile(v_ptr + (s.k0 + kb) * vs0 + hk * vs1, vs0, n, d, v_buf.data());
+        gemm(false, false, rows, d, n, acc_t(1), probs.data(), kBlockK, vt.data, vt.ld, acc_t(1), acc.data(), d);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t token = s.q0 + i0 + r;
+        const acc_t inv = softmax_inverse_sum(row_sum[r]);
+        const acc_t* a = acc.data() + r * d;
+        scalar_t* o = out_ptr + (token * p.heads + h) * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) o[c] = scalar_t(a[c] * inv);
+        lse_ptr[h * p.total_q + token] = softmax_lse(row_max[r], row_sum[r]);
+      }
+    }
+  });
+}
+
+// One task per (sequence, key/value head): it owns the gradients of its keys and values (accumulated in float32
+// over every query head of its group) and, query block by query block, the complete gradient of those queries,
+// so no two threads ever write the same output.
+template <typename scalar_t>
+void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                    const std::optional<at::Tensor>& grad_lse, const int32_t* cu_q, const int32_t* cu_k,
+                    at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t scale = acc_t(p.scale);
+  const int64_t d = p.head_dim, group = p.group();
+  std::vector<Task> tasks;
+  int64_t longest_k = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SeqBounds s = bounds(cu_q, cu_k, b);
+    longest_k = std::max(longest_k, s.lk);
+    int64_t pairs = 0;  // visible (query, key) pairs, rounded to blocks
+    for (int64_t i0 = 0; i0 < s.lq; i0 += kBlockQ) {
+      const int64_t rows = std::min(kBlockQ, s.lq - i0);
+      pairs += rows * (key_end(i0 + rows - 1, s.lq, s.lk, p.causal) + d);
+    }
+    for (int64_t hk = 0; hk < p.kv_heads; ++hk) {
+      tasks.push_back({group * pairs + s.lk * d, int32_t(b), int32_t(hk), 0, int32_t(s.lq)});
+    }
+  }
+  sort_by_cost(tasks);
+
+  const scalar_t* do_ptr = grad_out.data_ptr<scalar_t>();
+  const scalar_t* q_ptr = q.data_ptr<scalar_t>();
+  const scalar_t* k_ptr = k.data_ptr<scalar_t>();
+  const scalar_t* v_ptr = v.data_ptr<scalar_t>();
+  const scalar_t* o_ptr = out.data_ptr<scalar_t>();
+  const acc_t* lse_ptr = lse.data_ptr<acc_t>();
+  const acc_t* dlse_ptr = grad_lse ? grad_lse->data_ptr<acc_t>() : nullptr;
+  scalar_t* dq_ptr = grad_q.data_ptr<scalar_t>();
+  scalar_t* dk_ptr = grad_k.data_ptr<scalar_t>();
+  scalar_t* dv_ptr = grad_v.data_ptr<scalar_t>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), os0 = out.stride(0), os1 = out.stride(1);
+  const int64_t dos0 = grad_out.stride(0), dos1 = grad_out.stride(1);
+
+  parallel_dynamic(int64_t(tasks.size()), [&](auto next) {
+    std::vector<acc_t> q_buf(kBlockQ * d), do_buf(kBlockQ * d), k_buf(kBlockK * d), v_buf(kBlockK * d);
+    std::vector<acc_t> probs(kBlockQ * kBlockK), dprobs(kBlockQ * kBlockK), dq_acc(kBlockQ * d);
+    std::vector<acc_t> shift(kBlockQ), delta(kBlockQ), dk_acc(longest_k * d), dv_acc(longest_k * d);
+    for (int64_t t = next(); t >= 0; t = next()) {
+      const Task& task = tasks[t];
+      const SeqBounds s = bounds(cu_q, cu_k, task.seq);
+      const int64_t hk = task.head;
+      std::fill(dk_acc.begin(), dk_acc.begin() + s.lk * d, acc_t(0));
+      std::fill(dv_acc.begin(), dv_acc.begin() + s.lk * d, acc_t(0));
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t i0 = 0; i0 < s.lq; i0 += kBlockQ) {
+          const int64_t rows = std::min(kBlockQ, s.lq - i0), token0 = s.q0 + i0;
+          const Tile<acc_t> qt = load_tile(q_ptr + token0 * qs0 + h * qs1, qs0, rows, d, q_buf.data());
+          const Tile<acc_t> dot = load_tile(do_ptr + token0 * dos0 + h * dos1, dos0, rows, d, do_buf.data());
+          // delta_i = sum_c dO_ic O_ic - dlse_i: the softmax backward's row term (lse's own gradient enters here).
+          for (int64_t r = 0; r < rows; ++r) {
+            const scalar_t* o_row = o_ptr + (token0 + r) * os0 + h * os1;
+            const acc_t* do_row = dot.data + r * dot.ld;
+            acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t c = 0; c < d; ++c) sum += do_row[c] * acc_t(o_row[c]);
+            const int64_t li = h * p.total_q + token0 + r;
+            delta[r] = sum - (dlse_ptr ? dlse_ptr[li] : acc_t(0));
+            shift[r] = backward_shift(lse_ptr[li]);
+          }
+          std::fill(dq_acc.begin(), dq_acc.begin() + rows * d, acc_t(0));
+          const int64_t keys = key_end(i0 + rows - 1, s.lq, s.lk, p.causal);
+          for (int64_t kb = 0; kb < keys; kb += kBlockK) {
+            const int64_t n = std::min(kBlockK, keys - kb);
+            const Tile<acc_t> kt = load_tile(k_ptr + (s.k0 + kb) * ks0 + hk * ks1, ks0, n, d, k_buf.data());
+            const Tile<acc_t> vt = load_tile(v_ptr + (s.k0 + kb) * vs0 + hk * vs1, vs0, n, d, v_buf.data());
+            gemm(false, true, rows, n, d, acc_t(1), qt.data, qt.ld, kt.data, kt.ld, acc_t(0), probs.data(), kBlockK);
+            for (int64_t r = 0; r < rows; ++r) {
+              acc_t* row = probs.data() + r * kBlockK;
+              const int64_t valid = std::clamp<int64_t>(key_end(i0 + r, s.lq, s.lk, p.causal) - kb, 0, n);
+              std::fill(row + valid, row + n, acc_t(0));
+              exp_and_sum(row, valid, scale, shift[r]);
+            }
+            // dV += P^T dO, dP = dO V^T, dS = P * (dP - delta), dQ += scale dS K, dK += scale dS^T Q.
+            gemm(true, false, n, d, rows, acc_t(1), probs.data(), kBlockK, dot.data, dot.ld, acc_t(1),
+                 dv_acc.data() + kb * d, d);
+            gemm(false, true, rows, n, d, acc_t(1), dot.data, dot.ld, vt.data, vt.ld, acc_t(0), dprobs.data(), kBlockK);
+            for (int64_t r = 0; r < rows; ++r) {
+              const acc_t* pr = probs.data() + r * kBlockK;
+              acc_t* ds = dprobs.data() + r * kBlockK;
+              const acc_t dr = delta[r];
+#pragma omp simd
+              for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] * (ds[j] - dr);
+            }
+            gemm(false, false, rows, d, n, scale, dprobs.data(), kBlockK, kt.data, kt.ld, acc_t(1), dq_acc.data(), d);
+            gemm(true, false, n, d, rows, scale, dprobs.data(), kBlockK, qt.data, qt.ld, acc_t(1),
+                 dk_acc.data() + kb * d, d);
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            scalar_t* dq = dq_ptr + ((token0 + r) * p.heads + h) * d;
+            const acc_t* a = dq_acc.data() + r * d;
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) dq[c] = scalar_t(a[c]);
+          }
+        }
+      }
+      for (int64_t j = 0; j < s.lk; ++j) {
+        scalar_t* dk = dk_ptr + ((s.k0 + j) * p.kv_heads + hk) * d;
+        scalar_t* dv = dv_ptr + ((s.k0 + j) * p.kv_heads + hk) * d;
+        const acc_t* ak = dk_acc.data() + j * d;
+        const acc_t* av = dv_acc.data() + j * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) {
+          dk[c] = scalar_t(ak[c]);
+          dv[c] = scalar_t(av[c]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void forward(const Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+             const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, at::Tensor& out, at::Tensor& lse) {
+  VIDFAST_NVTX_RANGE("attn/varlen_fwd");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attention_fwd_cpu", [&] {
+    forward_typed<scalar_t>(p, q, k, v, cu_seqlens_q.data_ptr<int32_t>(), cu_seqlens_k.data_ptr<int32_t>(), out,
+                            lse);
+  });
+}
+
+void backward(const Params& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+              const std::optional<at::Tensor>& grad_lse, const at::Tensor& cu_seqlens_q,
+              const at::Tensor& cu_seqlens_k, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
+  VIDFAST_NVTX_RANGE("attn/varlen_bwd");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attention_bwd_cpu", [&] {
+    backward_typed<scalar_t>(p, grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q.data_ptr<int32_t>(),
+                             cu_seqlens_k.data_ptr<int32_t>(), grad_q, grad_k, grad_v);
+  });
+}
+
+}  // namespace vidfast::attention::cpu::CPU_CAPABILITY
