@@ -9,7 +9,6 @@ import av
 import pytest
 import torch
 
-import pyvidfast
 from pyvidfast import samples
 from pyvidfast.models import create_model
 from pyvidfast.models.videomae import VisionTransformer
@@ -120,7 +119,6 @@ def test_bf16_autocast_step(video_list, tmp_path):
     assert math.isfinite(read_metrics(tmp_path)[0]["loss"])
 
 
-@pytest.mark.skipif(not hasattr(pyvidfast.ops, "varlen_attention"), reason="varlen_attention not merged yet")
 def test_finetune_on_rlt_tokens(video_list, tmp_path):
     train_main(finetune_args(video_list, tmp_path, "--steps", "2", "--rlt"))
     assert all(math.isfinite(m["loss"]) for m in read_metrics(tmp_path))

@@ -4,14 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pyvidfast
 from pyvidfast import samples
 from pyvidfast.models import create_model
 from pyvidfast.models.videomae import (PretrainVisionTransformer, VisionTransformer, compare_dense_packed,
                                        normalize_video)
 
-needs_varlen = pytest.mark.skipif(not hasattr(pyvidfast.ops, "varlen_attention"),
-                                  reason="varlen_attention not merged yet")
 
 # Published sizes: width, depth, heads, patch, MLP hidden, decoder (width, heads, MLP hidden), decoder output.
 OFFICIAL = {
@@ -302,7 +299,6 @@ def _tiny_rlt_model(**extra):
                              num_classes=5, init_scale=1.0, **extra).eval()
 
 
-@needs_varlen
 def test_packed_with_every_token_equals_dense(real_clips):
     model = _tiny_rlt_model()
     with torch.no_grad():
@@ -313,7 +309,6 @@ def test_packed_with_every_token_equals_dense(real_clips):
     assert (packed - dense).abs().max() <= 1e-5
 
 
-@needs_varlen
 @pytest.mark.parametrize("length_embed", [False, True])
 def test_packed_batch_equals_each_clip_alone(real_clips, length_embed):
     model = _tiny_rlt_model(use_length_embed=length_embed)
@@ -326,7 +321,6 @@ def test_packed_batch_equals_each_clip_alone(real_clips, length_embed):
     torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
 
 
-@needs_varlen
 def test_compare_dense_packed(real_clips):
     result = compare_dense_packed(_tiny_rlt_model(), real_clips)
     assert result["dense_logits"].shape == result["packed_logits"].shape == (2, 5)
@@ -344,3 +338,13 @@ def test_drop_path_drops_whole_clips_on_packed_input():
         clip = out[cu[b]:cu[b + 1]]
         assert torch.all(clip == clip[0, 0]) and float(clip[0, 0]) in (0.0, 2.0)
     assert torch.equal(drop.eval()(torch.ones(12, 4), Packing(cu, 7)), torch.ones(12, 4))
+
+
+def test_packed_gradients_equal_dense_with_every_token(real_clips):
+    model = _tiny_rlt_model()
+    model(normalize_video(real_clips)).square().sum().backward()
+    dense = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(model.tokenize(real_clips, threshold=-1.0)).square().sum().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, dense[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -119,7 +119,7 @@ class Attention(nn.Module):
         else:  # x [N, C] packed clip after clip -> varlen attention on [N, H, D]
             if self.training and self.attn_drop > 0:
                 raise NotImplementedError("attention dropout is not supported on packed tokens")
-            q, k, v = qkv.transpose(0, 1).contiguous().unbind(0)
+            q, k, v = qkv.unbind(1)  # strided views; the op needs stride 1 only on the head dim
             cu, longest = packing
             out = ops.varlen_attention(q, k, v, cu, cu, longest, longest).flatten(1)
         return self.proj_drop(self.proj(out))
