@@ -15,6 +15,7 @@ multiply-adds x 2 of the model) stand next to it.
 
 import argparse
 import ctypes
+import os
 import threading
 import time
 from pathlib import Path
@@ -143,11 +144,13 @@ def main() -> None:
 
     headers = ["model", "clips", "tokens/clip", "share kept", "dense ms", "packed ms", "packed clips/s",
                "peak MiB dense / packed", "speed-up", "target 0.8/share", "met", "GFLOP/s dense / packed"]
+    load = os.getloadavg()[0]  # other processes on a shared machine skew CPU timings: say how busy it was
     print(f"batch {batch} x 16x224x224, {device.type} {dtype}, threshold {args.threshold}, medians of "
-          f"{args.repeats} interleaved rounds; machine limit: torch.mm {limit['gflop_per_s']:.0f} GFLOP/s")
+          f"{args.repeats} interleaved rounds; machine limit: torch.mm {limit['gflop_per_s']:.0f} GFLOP/s; "
+          f"load average {load:.1f} on {os.cpu_count()} CPUs")
     print(markdown_table(headers, rows))
     path = write_json("model", {"batch": batch, "device": device.type, "dtype": str(dtype), "limit": limit,
-                                "threshold": args.threshold, "results": records})
+                                "threshold": args.threshold, "load_average": load, "results": records})
     png = plot(records, RESULTS_DIR / "model_speedup.png")
     print(f"wrote {path} and {png}")
 
