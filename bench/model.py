@@ -101,7 +101,13 @@ def main() -> None:
     parser.add_argument("--gap", type=int, default=40, help="frames between the starts of a batch's clips")
     parser.add_argument("--threshold", type=float, default=0.1)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads (0: torch's default). On a busy shared machine every parallel region waits "
+                             "for descheduled threads, a fixed cost per op that swamps small packed batches; 1 "
+                             "thread gives times that follow the work")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     batch = args.batch or (16 if device.type == "cuda" else 1)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -147,10 +153,11 @@ def main() -> None:
     load = os.getloadavg()[0]  # other processes on a shared machine skew CPU timings: say how busy it was
     print(f"batch {batch} x 16x224x224, {device.type} {dtype}, threshold {args.threshold}, medians of "
           f"{args.repeats} interleaved rounds; machine limit: torch.mm {limit['gflop_per_s']:.0f} GFLOP/s; "
-          f"load average {load:.1f} on {os.cpu_count()} CPUs")
+          f"{torch.get_num_threads()} threads, load average {load:.1f} on {os.cpu_count()} CPUs")
     print(markdown_table(headers, rows))
     path = write_json("model", {"batch": batch, "device": device.type, "dtype": str(dtype), "limit": limit,
-                                "threshold": args.threshold, "load_average": load, "results": records})
+                                "threshold": args.threshold, "threads": torch.get_num_threads(),
+                                "load_average": load, "results": records})
     png = plot(records, RESULTS_DIR / "model_speedup.png")
     print(f"wrote {path} and {png}")
 
