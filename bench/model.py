@@ -194,7 +194,7 @@ def plot(records: list[dict], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     shares = torch.linspace(0.1, 1.0, 100)
-    ax.plot(shares, 1 / shares, "k:", label="ideal 1 / share")
+    ax.plot(shares, 1 / shares, "k:", label="1 / share (cost linear in tokens)")
     ax.plot(shares, 0.8 / shares, "k--", label="target 0.8 / share")
     for model, marker in (("ViT-S", "o"), ("ViT-B", "s")):
         points = [r for r in records if r["model"] == model]
