@@ -8,6 +8,10 @@
 
 namespace vidfast::rlt {
 
+struct Token {
+  int64_t b, t, h, w;
+};
+
 struct Grid {
   int64_t batch, frames, height, width;  // input video
   int64_t tubelet, patch;
@@ -15,6 +19,10 @@ struct Grid {
 
   VIDFAST_HD int64_t tokens_per_clip() const { return tp * hp * wp; }
   VIDFAST_HD int64_t patch_dim() const { return 3 * tubelet * patch * patch; }
+  // Grid coordinates of a flat token index in (b, t', h', w') raster order.
+  VIDFAST_HD Token token_at(int64_t index) const {
+    return {index / tokens_per_clip(), (index / (wp * hp)) % tp, (index / wp) % hp, index % wp};
+  }
   // Tubelet t' >= 1 compares its last frame with the first frame of tubelet t'-1, as the RLT code does.
   VIDFAST_HD int64_t later_frame(int64_t t) const { return t * tubelet + tubelet - 1; }
   VIDFAST_HD int64_t earlier_frame(int64_t t) const { return (t - 1) * tubelet; }

@@ -22,52 +22,42 @@ __device__ T warp_sum(T v) {
   return v;
 }
 
-__global__ void keep_uint8_kernel(Params p, const uint8_t* __restrict__ video, bool* __restrict__ keep) {
+// One warp per token; uint8 video sums |difference| per channel as integers, floating video in double.
+template <typename in_t>
+__global__ void keep_kernel(Params p, const in_t* __restrict__ video, bool* __restrict__ keep) {
   const Grid& g = p.grid;
   const int64_t token = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (token >= g.batch * g.tokens_per_clip()) return;
-  const int64_t w = token % g.wp, h = (token / g.wp) % g.hp, t = (token / (g.wp * g.hp)) % g.tp;
-  const int64_t b = token / g.tokens_per_clip();
-  if (t == 0) {
+  const Token k = g.token_at(token);
+  if (k.t == 0) {
     if (lane == 0) keep[token] = true;
     return;
   }
-  // Lanes walk the patch's rows of 3 * patch interleaved RGB bytes.
-  const int64_t row_bytes = 3 * g.patch;
-  long long sums[3] = {0, 0, 0};
-  for (int64_t e = lane; e < g.patch * row_bytes; e += 32) {
-    const int64_t ph = e / row_bytes, i = e % row_bytes;
-    const int64_t y = h * g.patch + ph;
-    const int d = int(video[g.thwc(b, g.later_frame(t), y, w * g.patch) + i]) -
-                  int(video[g.thwc(b, g.earlier_frame(t), y, w * g.patch) + i]);
-    sums[i % 3] += d < 0 ? -d : d;
+  const int64_t later = g.later_frame(k.t), earlier = g.earlier_frame(k.t);
+  if constexpr (std::is_same_v<in_t, uint8_t>) {
+    // Lanes walk the patch's rows of 3 * patch interleaved RGB bytes.
+    const int64_t row_bytes = 3 * g.patch;
+    long long sums[3] = {0, 0, 0};
+    for (int64_t e = lane; e < g.patch * row_bytes; e += 32) {
+      const int64_t y = k.h * g.patch + e / row_bytes, i = e % row_bytes;
+      const int d = int(video[g.thwc(k.b, later, y, k.w * g.patch) + i]) -
+                    int(video[g.thwc(k.b, earlier, y, k.w * g.patch) + i]);
+      sums[i % 3] += d < 0 ? -d : d;
+    }
+    int64_t total[3];
+    for (int c = 0; c < 3; ++c) total[c] = warp_sum(sums[c]);
+    if (lane == 0) keep[token] = keep_token(k.t, distance_from_u8_sums(total, p.inv_std, g.patch), p.threshold);
+  } else {
+    const int64_t pp = g.patch * g.patch;
+    double sum = 0.0;
+    for (int64_t e = lane; e < 3 * pp; e += 32) {
+      const int64_t c = e / pp, y = k.h * g.patch + (e % pp) / g.patch, x = k.w * g.patch + e % g.patch;
+      sum += fabs(double(video[g.cthw(k.b, c, later, y, x)]) - double(video[g.cthw(k.b, c, earlier, y, x)]));
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) keep[token] = keep_token(k.t, distance_from_sum(sum, g.patch), p.threshold);
   }
-  int64_t total[3];
-  for (int c = 0; c < 3; ++c) total[c] = warp_sum(sums[c]);
-  if (lane == 0) keep[token] = keep_token(t, distance_from_u8_sums(total, p.inv_std, g.patch), p.threshold);
-}
-
-template <typename scalar_t>
-__global__ void keep_float_kernel(Params p, const scalar_t* __restrict__ video, bool* __restrict__ keep) {
-  const Grid& g = p.grid;
-  const int64_t token = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (token >= g.batch * g.tokens_per_clip()) return;
-  const int64_t w = token % g.wp, h = (token / g.wp) % g.hp, t = (token / (g.wp * g.hp)) % g.tp;
-  const int64_t b = token / g.tokens_per_clip();
-  if (t == 0) {
-    if (lane == 0) keep[token] = true;
-    return;
-  }
-  double sum = 0.0;
-  const int64_t pp = g.patch * g.patch;
-  for (int64_t e = lane; e < 3 * pp; e += 32) {
-    const int64_t c = e / pp, y = h * g.patch + (e % pp) / g.patch, x = w * g.patch + e % g.patch;
-    sum += fabs(double(video[g.cthw(b, c, g.later_frame(t), y, x)]) - double(video[g.cthw(b, c, g.earlier_frame(t), y, x)]));
-  }
-  sum = warp_sum(sum);
-  if (lane == 0) keep[token] = keep_token(t, distance_from_sum(sum, g.patch), p.threshold);
 }
 
 __global__ void lengths_kernel(Grid g, const bool* __restrict__ keep, int32_t* __restrict__ lengths) {
@@ -90,24 +80,23 @@ __global__ void gather_kernel(Params p, const in_t* __restrict__ video, const bo
   const int64_t token = blockIdx.x;
   if (!keep[token]) return;
   const int64_t slot = inclusive_scan[token] - 1;
-  const int64_t w = token % g.wp, h = (token / g.wp) % g.hp, t = (token / (g.wp * g.hp)) % g.tp;
-  const int64_t b = token / g.tokens_per_clip();
+  const Token k = g.token_at(token);
   if (threadIdx.x == 0) {
-    positions[3 * slot] = int32_t(t);
-    positions[3 * slot + 1] = int32_t(h);
-    positions[3 * slot + 2] = int32_t(w);
+    positions[3 * slot] = int32_t(k.t);
+    positions[3 * slot + 1] = int32_t(k.h);
+    positions[3 * slot + 2] = int32_t(k.w);
     token_lengths[slot] = lengths[token];
   }
   const int64_t dim = g.patch_dim();
   out_t* out = patches + slot * dim;
   for (int64_t e = threadIdx.x; e < dim; e += blockDim.x) {
     const PatchElement el = patch_element(e, g.tubelet, g.patch);
-    const int64_t frame = t * g.tubelet + el.dt, y = h * g.patch + el.ph, x = w * g.patch + el.pw;
+    const int64_t frame = k.t * g.tubelet + el.dt, y = k.h * g.patch + el.ph, x = k.w * g.patch + el.pw;
     if constexpr (std::is_same_v<in_t, uint8_t>) {
       const U8Normalizer<acc_type<out_t, uint8_t>> norm(p.mean, p.std);
-      out[e] = out_t(norm(video[g.thwc(b, frame, y, x) + el.c], int(el.c)));
+      out[e] = out_t(norm(video[g.thwc(k.b, frame, y, x) + el.c], int(el.c)));
     } else {
-      out[e] = cast_element<out_t>(video[g.cthw(b, el.c, frame, y, x)]);
+      out[e] = cast_element<out_t>(video[g.cthw(k.b, el.c, frame, y, x)]);
     }
   }
 }
@@ -126,14 +115,10 @@ std::tuple<Params, at::Tensor, at::Tensor, at::Tensor> mask_and_lengths(
   VIDFAST_NVTX_RANGE("rlt/mask");
   auto stream = c10::cuda::getCurrentCUDAStream();
   const unsigned blocks = unsigned((tokens + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  if (p.is_uint8) {
-    keep_uint8_kernel<<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(p, video.data_ptr<uint8_t>(), keep.data_ptr<bool>());
-  } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, video.scalar_type(), "rlt_mask_cuda", [&] {
-      keep_float_kernel<scalar_t>
-          <<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(p, video.data_ptr<scalar_t>(), keep.data_ptr<bool>());
-    });
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, video.scalar_type(), "rlt_mask_cuda", [&] {
+    keep_kernel<scalar_t>
+        <<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(p, video.data_ptr<scalar_t>(), keep.data_ptr<bool>());
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t columns = g.batch * g.hp * g.wp;
   lengths_kernel<<<unsigned((columns + 255) / 256), 256, 0, stream>>>(g, keep.data_ptr<bool>(),
