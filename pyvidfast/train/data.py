@@ -1,9 +1,9 @@
-"""Video list data for the training scripts: a ``path label`` list file, clips decoded with PyAV.
+"""Video list data for the training scripts: a ``path label`` list file, clips read with
+:class:`pyvidfast.io.VideoReader` (exact frame indices, seeking to keyframes, resizing in the reader).
 
 Every random choice of a sample (start frame, crop) comes from a per-sample seed handed in by the sampler, so a
 run is reproducible whatever the worker count, and ``--resume`` replays exactly the batches an uninterrupted run
-would have seen. Decoding goes through :func:`pyvidfast.samples.decode_frames` until ``pyvidfast.io`` provides a
-frame reader; :class:`VideoList` is the one place to swap.
+would have seen.
 """
 
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from pyvidfast.samples import decode_frames
+from pyvidfast.io import VideoReader
 
 
 @dataclass(frozen=True)
@@ -39,16 +39,6 @@ def read_list(list_file: str | Path) -> list[tuple[Path, int]]:
     if not entries:
         raise ValueError(f"list_file: {list_file} lists no videos")
     return entries
-
-
-def frame_count(path: Path) -> int:
-    import av
-
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        if stream.frames:
-            return stream.frames
-        return sum(1 for _ in container.decode(stream))
 
 
 class VideoList(Dataset):
@@ -96,29 +86,21 @@ class VideoList(Dataset):
 
     def _count(self, index: int) -> int:
         if index not in self._counts:
-            self._counts[index] = frame_count(self.entries[index][0])
+            with VideoReader(self.entries[index][0]) as reader:
+                self._counts[index] = len(reader)
         return self._counts[index]
 
     def _decode(self, index: int, start: int) -> Tensor:
-        """Frames from start (indices past the end repeat the last frame: short videos loop their tail)."""
-        path = self.entries[index][0]
-        count = self._count(index)
-        stride = self.spec.stride if count >= self._span() else max(1, (count - 1) // max(self.spec.frames - 1, 1))
-        available = min(self.spec.frames, (count - 1 - start) // stride + 1)
-        frames = decode_frames(path, available, start=start, stride=stride, size=self._resized(path))
-        if available < self.spec.frames:
-            frames = torch.cat([frames, frames[-1:].expand(self.spec.frames - available, -1, -1, -1)])
-        return frames
-
-    def _resized(self, path: Path) -> tuple[int, int]:
-        import av
-
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            width, height = stream.codec_context.width, stream.codec_context.height
-        short = self.spec.short_side or self.spec.size
-        scale = short / min(width, height)
-        return max(short, round(height * scale)), max(short, round(width * scale))
+        """Frames start, start + stride, ... resized so the short side is ``short_side``; indices past the end
+        repeat the last frame (short videos loop their tail)."""
+        last = self._count(index) - 1
+        indices = [min(start + i * self.spec.stride, last) for i in range(self.spec.frames)]
+        with VideoReader(self.entries[index][0]) as reader:
+            width, height = reader.metadata.width, reader.metadata.height
+            short = self.spec.short_side or self.spec.size
+            scale = short / min(width, height)
+            size = (max(short, round(height * scale)), max(short, round(width * scale)))
+            return reader.get_frames(indices, size=size)
 
     def _crop(self, frames: Tensor, top: int, left: int) -> Tensor:
         size = self.spec.size
