@@ -28,7 +28,8 @@ from tqdm import tqdm  # noqa: E402
 
 from bench.common import markdown_table, matmul_rate, time_fn, write_json  # noqa: E402
 from pyvidfast.ops import rlt_tokenize, varlen_attention  # noqa: E402
-from pyvidfast.samples import CLIPS, decode_frames, sample_path  # noqa: E402
+from pyvidfast.io import decode_frames  # noqa: E402
+from pyvidfast.samples import CLIPS, sample_path  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 64
 FULL = 8 * 14 * 14  # tokens of a 16 x 224 x 224 clip with 2 x 16 x 16 tubelets

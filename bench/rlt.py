@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from bench.common import copy_bandwidth, markdown_table, time_fn, write_json
 from pyvidfast.ops import IMAGENET_MEAN, IMAGENET_STD, rlt_tokenize
-from pyvidfast.samples import CLIPS, decode_frames, sample_path
+from pyvidfast.io import decode_frames
+from pyvidfast.samples import CLIPS, sample_path
 
 
 def original_rlt(x, tubelet=2, patch=16, threshold=0.1):

@@ -9,7 +9,8 @@ import torch
 
 from pyvidfast.ops import rlt_mask, rlt_tokenize
 from pyvidfast.profiling import nvtx_range
-from pyvidfast.samples import CLIPS, decode_frames, sample_path
+from pyvidfast.io import decode_frames
+from pyvidfast.samples import CLIPS, sample_path
 
 FRAMES, STRIDE, SIZE = 16, 4, 224  # VideoMAE V2 / RLT sampling: 16 frames at stride 4, 224 x 224
 

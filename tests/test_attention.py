@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pyvidfast
-from pyvidfast import samples
+from pyvidfast.io import decode_frames
 from pyvidfast.ops import rlt_tokenize, varlen_attention
 from tests.conftest import requires_cuda_kernels
 
@@ -170,7 +170,7 @@ def test_strided_inputs():
 
 def test_real_clips(sample_clips):
     """Queries, keys and values projected from RLT tokens of real clips, with their real kept lengths."""
-    clips = [samples.decode_frames(sample_clips[name], 8, size=(64, 64)) for name in ("vtest.avi", "bikes.mp4")]
+    clips = [decode_frames(sample_clips[name], 8, size=(64, 64)) for name in ("vtest.avi", "bikes.mp4")]
     tokens = rlt_tokenize(torch.stack(clips), tubelet=2, patch=16)
     lengths = (tokens.cu_seqlens[1:] - tokens.cu_seqlens[:-1]).tolist()
     assert lengths[0] != lengths[1] or lengths[0] < 64, "clips should keep different token counts"

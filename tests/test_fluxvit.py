@@ -10,7 +10,7 @@ from pyvidfast.io import VideoReader, sampling
 from pyvidfast.models import create_model
 from pyvidfast.models.fluxvit import FluxViT, flux_num_groups, head_for_budget
 from pyvidfast.ops import group_budgets, group_topk
-from pyvidfast.samples import decode_frames
+from pyvidfast.io import decode_frames
 
 TINY = dict(embed_dim=64, depth=2, num_heads=4, attn_pool_num_heads=4, clip_embed_dim=32, img_size=56,
             num_frames=8, num_classes=5)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pyvidfast.ops import IMAGENET_MEAN, IMAGENET_STD, RLTTokenizer, rlt_mask, rlt_tokenize
-from pyvidfast.samples import decode_frames
+from pyvidfast.io import decode_frames
 
 from conftest import requires_cuda_kernels
 

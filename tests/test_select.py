@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from pyvidfast.ops import group_budgets, group_topk
-from pyvidfast.samples import decode_frames
+from pyvidfast.io import decode_frames
 
 from conftest import requires_cuda_kernels
 

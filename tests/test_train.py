@@ -9,7 +9,7 @@ import av
 import pytest
 import torch
 
-from pyvidfast import samples
+from pyvidfast.io import decode_frames
 from pyvidfast.models import create_model
 from pyvidfast.models.videomae import VisionTransformer
 from pyvidfast.train.__main__ import main as train_main
@@ -31,7 +31,7 @@ def video_list(tmp_path_factory, sample_clips):
     folder = tmp_path_factory.mktemp("clips")
     lines = []
     for label, (name, path) in enumerate(sorted(sample_clips.items())):
-        frames = samples.decode_frames(path, 16, start=0, stride=2, size=(72, 96)).numpy()
+        frames = decode_frames(path, 16, start=0, stride=2, size=(72, 96)).numpy()
         out = folder / (Path(name).stem + ".mp4")
         with av.open(str(out), "w") as container:
             stream = container.add_stream("mpeg4", rate=10)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyvidfast import samples
+from pyvidfast.io import decode_frames
 from pyvidfast.models import create_model
 from pyvidfast.models.videomae import (PretrainVisionTransformer, VisionTransformer, compare_dense_packed,
                                        normalize_video)
@@ -289,7 +289,7 @@ def test_hugging_face_pretraining_parity(tmp_path):
 @pytest.fixture(scope="module")
 def real_clips(sample_clips):
     """Two real 8-frame 64x64 clips: a static tripod and a moving camera."""
-    clips = [samples.decode_frames(sample_clips[name], 8, start=0, stride=2, size=(64, 64))
+    clips = [decode_frames(sample_clips[name], 8, start=0, stride=2, size=(64, 64))
              for name in ("balle-jbart.mp4", "bikes.mp4")]
     return torch.stack(clips)
 
