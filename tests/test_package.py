@@ -36,10 +36,11 @@ def test_sample_clips_are_checked(sample_clips):
 def test_demo_writes_png(tmp_path, capsys):
     class Args:
         clip, out, threshold = "balle-jbart.mp4", str(tmp_path), 0.1
+        model, checkpoint, repeats = "videomae_vit_small_patch16_224", None, 1
 
     demo.main(Args)
     printed = capsys.readouterr().out
-    assert "tokens kept:" in printed and "rlt_tokenize:" in printed
+    assert "tokens kept:" in printed and "rlt_tokenize:" in printed and "speed-up" in printed
     png = tmp_path / "rlt_balle-jbart.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
