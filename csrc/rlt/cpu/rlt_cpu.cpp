@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/cpu_alloc.h"
 #include "common/cpu_dispatch.h"
 #include "common/nvtx.h"
 #include "rlt/rlt.h"
@@ -216,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rlt_tokenize_cpu(
   }
   const int64_t n = row_start[rows];
   auto options = video.options();
-  auto patches = at::empty({n, g.patch_dim()}, options.dtype(p.out_dtype));
+  auto patches = empty_cpu_huge_pages({n, g.patch_dim()}, options.dtype(p.out_dtype));
   auto positions = at::empty({n, 3}, options.dtype(at::kInt));
   auto token_lengths = at::empty({n}, options.dtype(at::kInt));
   auto cu_seqlens = at::empty({g.batch + 1}, options.dtype(at::kInt));
