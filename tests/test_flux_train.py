@@ -65,3 +65,14 @@ def test_flux_distill(video_list, tmp_path):  # noqa: F811
     # A distillation run initialises Flux fine-tuning (the projectors are dropped).
     student = create_model("fluxvit_small_patch14", pretrained=str(tmp_path / "checkpoint.pth"), **TINY_FLUX)
     assert torch.equal(student.blocks[1].mlp.fc2.weight, saved["backbone.blocks.1.mlp.fc2.weight"])
+
+
+def test_flux_finetune_resume(video_list, tmp_path):  # noqa: F811
+    """The step's flexi setting comes from its seed: a resumed run replays the uninterrupted one."""
+    common = ("--flux", "--steps", "4", "--lr", "3e-3", "--budgets", *map(str, BUDGETS))
+    train_main(flux_args("finetune", video_list, tmp_path / "whole", *common))
+    train_main(flux_args("finetune", video_list, tmp_path / "parts", *common, "--stop-at", "2"))
+    train_main(flux_args("finetune", video_list, tmp_path / "parts", *common, "--resume", "auto"))
+    whole, parts = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "parts")
+    assert [(r["frames"], r["resolution"]) for r in parts] == [(r["frames"], r["resolution"]) for r in whole]
+    torch.testing.assert_close([r["loss"] for r in parts], [r["loss"] for r in whole], rtol=1e-5, atol=1e-6)
