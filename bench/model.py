@@ -1,16 +1,20 @@
-"""VideoMAE V2 ViT-S and ViT-B inference, dense versus RLT-packed, on batches of 16x224x224 clips of the real
-sample clips.
+"""Model inference with fewer tokens against all tokens, on clips of the real sample clips: throughput and peak memory.
 
-For each sample clip a batch is cut from it (clips starting every ``--gap`` frames, every ``--stride``-th frame,
-short side resized to 224, centre crop). Dense: Conv3d patch embedding and SDPA over all 1568 tokens per clip.
-Packed: ``rlt_tokenize`` (included in the time) and ``varlen_attention`` over the kept tokens. Dense and packed run
-back to back in each round, so load changes on a shared machine hit both; the speed-up is the median of the
-per-round ratios. Reported: median times, clips/s, peak memory of one forward (CUDA: max allocated; CPU: peak RSS
-growth sampled every millisecond after ``malloc_trim``), tokens kept per clip, speed-up, and the target
-0.8 / share kept. The machine's limit is torch.mm's GFLOP/s in the same run; the achieved GFLOP/s (counted
-multiply-adds x 2 of the model) stand next to it.
+- VideoMAE V2 ViT-S/B, dense versus RLT-packed, batches of 16x224x224 clips. For each sample clip a batch is cut
+  from it (clips starting every ``--gap`` frames, every ``--stride``-th frame, short side resized to 224, centre
+  crop). Dense: Conv3d patch embedding and SDPA over all 1568 tokens per clip. Packed: ``rlt_tokenize`` (included
+  in the time) and ``varlen_attention`` over the kept tokens.
+- FluxViT-S/B at token budgets 3072 / 2048 / 1024 against all tokens: a batch of 16x252x252 clips (5184 tokens per
+  clip, sampled densely the token-optimization way; ``--flux-frames``, ``--flux-size``) that ``group_topk`` cuts to each budget. Cost does not depend
+  on the content here, so only the first sample clip is used.
 
-    python -m bench.model [--batch 1] [--repeats 3] [--device cpu|cuda]
+Each variant runs back to back with the all-token forward in each round, so load changes on a shared machine hit
+both; the speed-up is the median of the per-round ratios. Reported: median times, clips/s, peak memory of one
+forward (CUDA: max allocated; CPU: peak RSS growth sampled every millisecond after ``malloc_trim``), tokens kept per
+clip, speed-up, and the target 0.8 / share kept. The machine's limit is torch.mm's GFLOP/s in the same run; the
+achieved GFLOP/s (counted multiply-adds x 2 of the encoder) stand next to it.
+
+    python -m bench.model [--models ViT-S ViT-B FluxViT-S FluxViT-B] [--batch 1] [--repeats 3] [--device cpu|cuda]
 """
 
 import argparse
@@ -25,9 +29,11 @@ import torch
 from bench.common import RESULTS_DIR, markdown_table, matmul_rate, time_fn, write_json
 from pyvidfast import samples
 from pyvidfast.models import create_model
+from pyvidfast.models.fluxvit import HEAD_BUDGETS, FluxViT
 from pyvidfast.models.videomae import normalize_video
 
-MODELS = {"ViT-S": "videomae_vit_small_patch16_224", "ViT-B": "videomae_vit_base_patch16_224"}
+MODELS = {"ViT-S": "videomae_vit_small_patch16_224", "ViT-B": "videomae_vit_base_patch16_224",
+          "FluxViT-S": "fluxvit_small_patch14", "FluxViT-B": "fluxvit_base_patch14"}
 
 
 def load_batch(name: str, batch: int, frames: int, stride: int, gap: int, size: int = 224) -> torch.Tensor:
@@ -42,7 +48,7 @@ def load_batch(name: str, batch: int, frames: int, stride: int, gap: int, size: 
 
 
 def forward_flops(model, tokens_per_clip: list[int]) -> float:
-    """Multiply-adds x 2 of the patch embedding, the blocks (projections, MLP, attention) and the head."""
+    """Multiply-adds x 2 of the patch embedding and the blocks (projections, MLP, attention) on the kept tokens."""
     width = model.embed_dim
     hidden = model.blocks[0].mlp.fc1.out_features
     patch_dim = model.patch_embed.proj.weight[0].numel()
@@ -100,6 +106,8 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=2, help="take every stride-th frame")
     parser.add_argument("--gap", type=int, default=40, help="frames between the starts of a batch's clips")
     parser.add_argument("--threshold", type=float, default=0.1)
+    parser.add_argument("--flux-frames", type=int, default=16, help="FluxViT clip frames (all tokens: T (R/14)^2)")
+    parser.add_argument("--flux-size", type=int, default=252, help="FluxViT clip resolution R")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads (0: torch's default). On a busy shared machine every parallel region waits "
@@ -116,42 +124,46 @@ def main() -> None:
 
     videos = {name: load_batch(name, batch, 16, args.stride, args.gap).to(device) for name in samples.CLIPS}
     rows, records = [], []
-    for label, model_name in ((m, MODELS[m]) for m in args.models):
+    for label in args.models:
         torch.manual_seed(0)
-        model = create_model(model_name).to(device=device, dtype=dtype).eval()
-        total = model.patch_embed.num_patches
-        dense_flops = forward_flops(model, [total] * batch)
-        for clip_name, video in videos.items():
+        model = create_model(MODELS[label]).to(device=device, dtype=dtype).eval()
+        if isinstance(model, FluxViT):
+            name = next(iter(samples.CLIPS))
+            video = load_batch(name, batch, args.flux_frames, args.stride, args.gap, args.flux_size).to(device)
+            cases = flux_cases(model, name, normalize_video(video, dtype=dtype))
+        else:
+            cases = rlt_cases(model, videos, dtype, args.threshold)
+        for clip_name, variant, total, kept, full_fn, variant_fn in cases:
             with torch.no_grad():
-                dense_input = normalize_video(video, dtype=dtype)
-                kept = model.tokenize(video, args.threshold).cu_seqlens.diff().tolist()
-                dense, packed, ratios = _interleaved(lambda: model(dense_input),
-                                                     lambda: model(model.tokenize(video, args.threshold)),
-                                                     args.repeats, sync)
-                with PeakMemory(device) as dense_mem:
-                    model(dense_input)
-                with PeakMemory(device) as packed_mem:
-                    model(model.tokenize(video, args.threshold))
+                full, reduced, ratios = _interleaved(full_fn, variant_fn, args.repeats, sync)
+                with PeakMemory(device) as full_mem:
+                    full_fn()
+                with PeakMemory(device) as variant_mem:
+                    variant_fn()
             share = sum(kept) / (total * batch)
             speedup = sorted(ratios)[len(ratios) // 2]
-            dense_gflops = dense_flops / (dense["median_ms"] * 1e-3) / 1e9
-            packed_gflops = forward_flops(model, kept) / (packed["median_ms"] * 1e-3) / 1e9
-            rows.append([label, clip_name, f"{min(kept)}-{max(kept)}", f"{share:.2f}", f"{dense['median_ms']:.0f}",
-                         f"{packed['median_ms']:.0f}", f"{batch / packed['median_ms'] * 1e3:.2f}",
-                         f"{dense_mem.peak / 2**20:.0f} / {packed_mem.peak / 2**20:.0f}", f"{speedup:.2f}",
+            full_gflops = forward_flops(model, [total] * batch) / (full["median_ms"] * 1e-3) / 1e9
+            variant_gflops = forward_flops(model, kept) / (reduced["median_ms"] * 1e-3) / 1e9
+            rows.append([label, clip_name, variant, f"{min(kept)}-{max(kept)}", f"{share:.2f}",
+                         f"{full['median_ms']:.0f}", f"{reduced['median_ms']:.0f}",
+                         f"{batch / reduced['median_ms'] * 1e3:.2f}",
+                         f"{full_mem.peak / 2**20:.0f} / {variant_mem.peak / 2**20:.0f}", f"{speedup:.2f}",
                          f"{0.8 / share:.2f}", "yes" if speedup >= 0.8 / share else "no",
-                         f"{dense_gflops:.0f} / {packed_gflops:.0f}"])
-            records.append({"model": label, "clip": clip_name, "tokens_per_clip": kept, "share_kept": share,
-                            "dense": dense, "packed": packed, "speedup_per_round": ratios, "speedup": speedup,
-                            "target": 0.8 / share, "meets_target": speedup >= 0.8 / share,
-                            "dense_peak_bytes": dense_mem.peak, "packed_peak_bytes": packed_mem.peak,
-                            "dense_gflop_per_s": dense_gflops, "packed_gflop_per_s": packed_gflops})
+                         f"{full_gflops:.0f} / {variant_gflops:.0f}"])
+            records.append({"model": label, "clip": clip_name, "variant": variant, "tokens_per_clip": kept,
+                            "all_tokens_per_clip": total, "share_kept": share, "full": full, "variant_time": reduced,
+                            "speedup_per_round": ratios, "speedup": speedup, "target": 0.8 / share,
+                            "meets_target": speedup >= 0.8 / share, "full_peak_bytes": full_mem.peak,
+                            "variant_peak_bytes": variant_mem.peak, "full_gflop_per_s": full_gflops,
+                            "variant_gflop_per_s": variant_gflops})
         del model
 
-    headers = ["model", "clips", "tokens/clip", "share kept", "dense ms", "packed ms", "packed clips/s",
-               "peak MiB dense / packed", "speed-up", "target 0.8/share", "met", "GFLOP/s dense / packed"]
+    headers = ["model", "clips", "variant", "tokens/clip", "share kept", "all-token ms", "variant ms",
+               "variant clips/s", "peak MiB all / variant", "speed-up", "target 0.8/share", "met",
+               "GFLOP/s all / variant"]
     load = os.getloadavg()[0]  # other processes on a shared machine skew CPU timings: say how busy it was
-    print(f"batch {batch} x 16x224x224, {device.type} {dtype}, threshold {args.threshold}, medians of "
+    print(f"batch {batch}: 16x224x224 (ViT, RLT threshold {args.threshold}), {args.flux_frames}x{args.flux_size}x{args.flux_size} "
+          f"(FluxViT); {device.type} {dtype}, medians of "
           f"{args.repeats} interleaved rounds; machine limit: torch.mm {limit['gflop_per_s']:.0f} GFLOP/s; "
           f"{torch.get_num_threads()} threads, load average {load:.1f} on {os.cpu_count()} CPUs")
     print(markdown_table(headers, rows))
@@ -162,21 +174,40 @@ def main() -> None:
     print(f"wrote {path} and {png}")
 
 
-def _interleaved(dense_fn, packed_fn, repeats: int, sync) -> tuple[dict, dict, list[float]]:
-    """Times dense and packed back to back in each round (after one warm-up of each), so that a load change on a
-    shared machine hits both; returns both timings and the per-round speed-ups."""
-    dense_fn(), packed_fn()
-    dense_times, packed_times = [], []
+def rlt_cases(model, videos: dict[str, torch.Tensor], dtype, threshold: float):
+    """(clip, variant, all tokens per clip, kept per clip, all-token forward, variant forward): dense against
+    RLT-packed per sample clip."""
+    for clip_name, video in videos.items():
+        dense_input = normalize_video(video, dtype=dtype)
+        with torch.no_grad():
+            kept = model.tokenize(video, threshold).cu_seqlens.diff().tolist()
+        yield (clip_name, "RLT packed", model.patch_embed.num_patches, kept, lambda x=dense_input: model(x),
+               lambda v=video: model(model.tokenize(v, threshold)))
+
+
+def flux_cases(model, clip_name: str, video: torch.Tensor):
+    """The same, for FluxViT: all tokens against each head's budget (group_topk selection inside the forward)."""
+    total = video.shape[2] * (video.shape[3] // model.patch_size) ** 2
+    for budget in HEAD_BUDGETS:
+        yield (clip_name, f"budget {budget}", total, [min(budget, total)] * video.shape[0], lambda: model(video),
+               lambda budget=budget: model(video, budget=budget))
+
+
+def _interleaved(full_fn, variant_fn, repeats: int, sync) -> tuple[dict, dict, list[float]]:
+    """Times the all-token and the fewer-token forward back to back in each round (after one warm-up of each), so
+    that a load change on a shared machine hits both; returns both timings and the per-round speed-ups."""
+    full_fn(), variant_fn()
+    full_times, variant_times = [], []
     for _ in range(repeats):
-        for fn, times in ((dense_fn, dense_times), (packed_fn, packed_times)):
+        for fn, times in ((full_fn, full_times), (variant_fn, variant_times)):
             times.append(time_fn(fn, repeats=1, warmup=0, sync=sync)["median_ms"])
-    ratios = [d / p for d, p in zip(dense_times, packed_times)]
+    ratios = [f / v for f, v in zip(full_times, variant_times)]
 
     def summary(times):
         return {"median_ms": sorted(times)[len(times) // 2], "min_ms": min(times), "max_ms": max(times),
                 "repeats": repeats}
 
-    return summary(dense_times), summary(packed_times), ratios
+    return summary(full_times), summary(variant_times), ratios
 
 
 def _cuda_mm_rate(dtype, n: int = 8192) -> dict:
@@ -196,21 +227,22 @@ def plot(records: list[dict], path: Path) -> Path:
     shares = torch.linspace(0.1, 1.0, 100)
     ax.plot(shares, 1 / shares, "k:", label="1 / share (cost linear in tokens)")
     ax.plot(shares, 0.8 / shares, "k--", label="target 0.8 / share")
-    for model, marker in (("ViT-S", "o"), ("ViT-B", "s")):
+    for model, marker in zip(MODELS, "osD^"):
         points = [r for r in records if r["model"] == model]
         if points:
             ax.scatter([r["share_kept"] for r in points], [r["speedup"] for r in points], marker=marker, s=50,
-                       label=f"VideoMAE V2 {model}")
+                       label=model if model.startswith("FluxViT") else f"VideoMAE V2 {model} (RLT)")
             for r in points:
-                ax.annotate(r["clip"].split(".")[0], (r["share_kept"], r["speedup"]), fontsize=7,
-                            xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("share of tokens kept by RLT")
-    ax.set_ylabel("speed-up of packed over dense")
+                note = r["variant"].removeprefix("budget ") if model.startswith("FluxViT") else r["clip"].split(".")[0]
+                ax.annotate(note, (r["share_kept"], r["speedup"]), fontsize=7, xytext=(4, 3),
+                            textcoords="offset points")
+    ax.set_xlabel("share of tokens kept (RLT, or FluxViT's budget)")
+    ax.set_ylabel("speed-up over all tokens")
     ax.set_xlim(0, 1.05)
     ax.set_ylim(0, None)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("RLT-packed vs dense inference, 16x224x224 clips")
+    ax.set_title("Fewer tokens vs all tokens, inference")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -80,20 +80,21 @@ def _smooth_l1_of_normalized(src: Tensor, tgt: Tensor) -> Tensor:
 
 
 def multi_budget_loss(model: FluxViT, video: Tensor, targets: Tensor, criterion: Callable[[Tensor, Tensor], Tensor],
-                      budgets: Sequence[int] = HEAD_BUDGETS) -> tuple[Tensor, list[Tensor]]:
+                      budgets: Sequence[int] = HEAD_BUDGETS) -> tuple[Tensor, list[Tensor], list[int]]:
     """The official flexible fine-tuning step's loss: for head h the clip keeps ``budgets[h]`` tokens (all if it
     has fewer); loss = sum_h criterion(logits_h, targets) + sum_{h>=1} SmoothL1(l2n(decoder_{h-1}(pool_h)),
-    l2n(pool_0)) with pool_0 detached. Returns (loss, logits per head)."""
-    pooled, logits = [], []
+    l2n(pool_0)) with pool_0 detached. Returns (loss, logits per head, patch tokens kept per head)."""
+    pooled, logits, kept = [], [], []
     for head, budget in enumerate(budgets):
         tokens, _, _ = model.forward_tokens(video, budget)
+        kept.append(tokens.shape[1] - 1)  # less the cls token
         pooled.append(model.pool(tokens, head))
         logits.append(model.classify(pooled[-1], head))
     loss = sum(criterion(out, targets) for out in logits)
     for head in range(1, len(budgets)):
         aligned = model.final_clip_decoder_for_projs[head - 1](pooled[head])
         loss = loss + _smooth_l1_of_normalized(aligned, pooled[0])
-    return loss, logits
+    return loss, logits, kept
 
 
 # --- double-mask distillation (our reading of the paper) -----------------------------------------------------------
@@ -188,7 +189,7 @@ def double_mask_step(student: FluxViT, student_video: Tensor, student_budget: in
         teacher_indices = select_tokens(teacher_x, settings.teacher_budget)
         if teacher_indices is None:
             n = teacher_x.shape[1] * teacher_x.shape[2]
-            teacher_indices = torch.arange(n, device=teacher_x.device).expand(teacher_x.shape[0], n)
+            teacher_indices = torch.arange(n, device=teacher_x.device).repeat(teacher_x.shape[0], 1)
         teacher_hidden = list(teacher_forward(teacher_video, teacher_indices, settings.teacher_layers))
         student_x = student.patch_embed(student_video.to(student.pos_embed.dtype))
         frames, tokens = student_x.shape[1], student_x.shape[2]

@@ -270,12 +270,13 @@ def test_select_tokens_uses_the_group_rule():
 def test_multi_budget_loss():
     model = randomize(FluxViT(**TINY)).train()
     video, targets = torch.randn(2, 3, 8, 56, 56), torch.tensor([1, 3])
-    loss, logits = flux.multi_budget_loss(model, video, targets, F.cross_entropy, budgets=(96, 64, 32))
+    loss, logits, kept = flux.multi_budget_loss(model, video, targets, F.cross_entropy, budgets=(96, 64, 32))
     pooled = [model.pool(model.forward_tokens(video, b)[0], h) for h, b in enumerate((96, 64, 32))]
     align = sum(F.smooth_l1_loss(F.normalize(model.final_clip_decoder_for_projs[h - 1](pooled[h]), dim=-1),
                                  F.normalize(pooled[0], dim=-1)) for h in (1, 2))
     expected = sum(F.cross_entropy(model.classify(p, h), targets) for h, p in enumerate(pooled)) + align
     torch.testing.assert_close(loss, expected)
+    assert kept == [96, 64, 32]  # of 8 x 4 x 4 = 128 patch tokens
     loss.backward()
     assert all(model.head[h].weight.grad is not None for h in range(3))
 

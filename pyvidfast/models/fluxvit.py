@@ -408,14 +408,16 @@ class FluxViT(nn.Module):
 
     def load_checkpoint(self, source, strict: bool = True) -> "FluxViT":
         """Loads an official FluxViT checkpoint (path or state dict): takes its ``model``/``module`` entry, strips
-        ``backbone.``/``encoder.`` prefixes, resamples a ``pos_embed`` of another grid to this model's native grid
+        ``backbone.``/``encoder.`` prefixes (and drops the ``projectors.`` of a Flux distillation run, see
+        :mod:`pyvidfast.train.flux`), resamples a ``pos_embed`` of another grid to this model's native grid
         (linear over time, bicubic over space, as the official fine-tuning script does), then loads strictly."""
         state = torch.load(source, map_location="cpu", weights_only=True) if not isinstance(source, dict) else source
         for key in ("model", "module"):
             if isinstance(state.get(key), dict):
                 state = state[key]
                 break
-        state = {k.removeprefix("backbone.").removeprefix("encoder."): v for k, v in state.items()}
+        state = {k.removeprefix("backbone.").removeprefix("encoder."): v for k, v in state.items()
+                 if not k.startswith("projectors.")}
         if "pos_embed" in state and state["pos_embed"].shape != self.pos_embed.shape:
             state["pos_embed"] = self._resample_pos_embed(state["pos_embed"])
         self.load_state_dict(state, strict=strict)

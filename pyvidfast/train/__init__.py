@@ -1,5 +1,7 @@
-"""Training scripts: ``python -m pyvidfast.train {pretrain,finetune,eval} ...`` (single process or ``torchrun``).
+"""Training scripts: ``python -m pyvidfast.train {pretrain,finetune,distill,eval} ...`` (single process or
+``torchrun``).
 
-See :mod:`pyvidfast.train.loop` for the loops, :mod:`pyvidfast.train.data` for the video list data and
-:mod:`pyvidfast.train.optim` for the optimizer groups and schedule.
+See :mod:`pyvidfast.train.loop` for the loops, :mod:`pyvidfast.train.data` for the video list data,
+:mod:`pyvidfast.train.optim` for the optimizer groups and schedule and :mod:`pyvidfast.train.flux` for the FluxViT
+objectives (``finetune --flux``, ``distill``).
 """

@@ -3,10 +3,16 @@
     python -m pyvidfast.train pretrain --list train.txt --out runs/pt --steps 1000 --batch-size 32
     python -m pyvidfast.train finetune --list train.txt --out runs/ft --init runs/pt/checkpoint.pth --rlt
     python -m pyvidfast.train eval --list val.txt --checkpoint runs/ft/checkpoint.pth --num-clips 5 --num-crops 3
+    python -m pyvidfast.train distill --list train.txt --out runs/flux_pt --model fluxvit_small_patch14 \
+        --teacher videomae_vit_base_patch16_224 --teacher-checkpoint vit_b_k710.pth
+    python -m pyvidfast.train finetune --flux --list train.txt --out runs/flux_ft --model fluxvit_small_patch14 \
+        --init runs/flux_pt/checkpoint.pth
     torchrun --nproc_per_node 8 -m pyvidfast.train finetune ...   # DDP: NCCL on GPUs, gloo on CPU
 
 The list file holds ``path label`` lines (label unused by ``pretrain``); relative paths start at its folder.
-Clip length and size come from the model (``--model-kwargs '{"num_frames": 16, "img_size": 224}'``).
+Clip length and size come from the model (``--model-kwargs '{"num_frames": 16, "img_size": 224}'``), except for the
+Flux commands (``finetune --flux``, ``distill``), which draw them per step (flexi-sampling, see
+``pyvidfast.train.flux``).
 """
 
 import argparse
@@ -41,6 +47,14 @@ def _training(parser: argparse.ArgumentParser, lr: float, weight_decay: float, b
     parser.add_argument("--resume", default="", help="checkpoint path, or 'auto' for OUT/checkpoint.pth if present")
 
 
+def _flexi(parser: argparse.ArgumentParser) -> None:
+    """Flexi-sampling: per step a (frames, resolution) pair whose token count T * (R / 14)^2 lies in the range."""
+    parser.add_argument("--flexi-frames", type=int, nargs="+", default=list(range(6, 26, 2)))
+    parser.add_argument("--flexi-resolutions", type=int, nargs="+", default=list(range(112, 364, 28)))
+    parser.add_argument("--min-tokens", type=int, default=2048)
+    parser.add_argument("--max-tokens", type=int, default=6144)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pyvidfast.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,6 +76,27 @@ def main(argv=None) -> None:
     finetune.add_argument("--mixup", type=float, default=0.0, help="mixup Beta alpha (0: off; the recipe uses 0.8)")
     finetune.add_argument("--cutmix", type=float, default=0.0, help="CutMix Beta alpha (0: off; the recipe uses 1.0)")
     finetune.add_argument("--rlt", action="store_true", help="train on RLT-packed tokens")
+    finetune.add_argument("--flux", action="store_true",
+                          help="FluxViT: flexi-sampling and the multi-budget loss (--model fluxvit_*)")
+    finetune.add_argument("--budgets", type=int, nargs=3, default=[3072, 2048, 1024],
+                          help="--flux: tokens kept for heads 0, 1, 2")
+    _flexi(finetune)
+
+    distill = sub.add_parser("distill", help="FluxViT double-mask distillation from a frozen VideoMAE V2 encoder "
+                                             "(our reading of the paper)")
+    _common(distill, "fluxvit_small_patch14")
+    _training(distill, lr=5e-4, weight_decay=0.05, betas=(0.9, 0.98))
+    distill.add_argument("--init", default=None, help="student checkpoint to start from")
+    distill.add_argument("--budget", type=int, default=2048, help="student tokens kept per clip")
+    _flexi(distill)
+    distill.add_argument("--teacher", default="videomae_vit_base_patch16_224", help="VideoMAE V2 model name")
+    distill.add_argument("--teacher-kwargs", default="", help="JSON of teacher constructor overrides")
+    distill.add_argument("--teacher-checkpoint", default=None, help="teacher weights (default: random)")
+    distill.add_argument("--teacher-resolutions", type=int, nargs="+", default=[160, 192, 224],
+                         help="teacher input sizes, one drawn per step")
+    distill.add_argument("--teacher-budget", type=int, default=1568, help="teacher tokens kept (fixed compute)")
+    distill.add_argument("--student-layers", type=int, nargs="+", default=[5, 7, 9, 11])
+    distill.add_argument("--teacher-layers", type=int, nargs="+", default=[5, 7, 9, 11])
 
     evaluate = sub.add_parser("eval", help="multi-view evaluation: top-1/top-5 of softmax averaged over views")
     _common(evaluate, "videomae_vit_base_patch16_224")

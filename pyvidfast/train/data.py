@@ -6,14 +6,17 @@ run is reproducible whatever the worker count, and ``--resume`` replays exactly 
 would have seen.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from pyvidfast.flux import FlexiSampling
 from pyvidfast.io import VideoReader
+
+SLOTS = 4096  # sample seeds of one step differ only below this: seed // SLOTS identifies the step
 
 
 @dataclass(frozen=True)
@@ -55,34 +58,38 @@ class VideoList(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int, int]:
         index, seed = item
+        return self.sample(index, seed, self.spec), self.entries[index][1], seed
+
+    def sample(self, index: int, seed: int, spec: ClipSpec) -> Tensor:
+        """One training clip of ``spec``: random start and crop drawn from ``seed``."""
         generator = torch.Generator().manual_seed(seed)
-        span = self._span()
-        last_start = max(self._count(index) - span, 0)
+        last_start = max(self._count(index) - self._span(spec), 0)
         start = int(torch.randint(last_start + 1, (1,), generator=generator))
-        frames = self._decode(index, start)
+        frames = self._decode(index, start, spec)
         height, width = frames.shape[1:3]
-        top = int(torch.randint(height - self.spec.size + 1, (1,), generator=generator))
-        left = int(torch.randint(width - self.spec.size + 1, (1,), generator=generator))
-        return self._crop(frames, top, left), self.entries[index][1], seed
+        top = int(torch.randint(height - spec.size + 1, (1,), generator=generator))
+        left = int(torch.randint(width - spec.size + 1, (1,), generator=generator))
+        return self._crop(frames, top, left, spec)
 
     def views(self, index: int, num_clips: int, num_crops: int) -> Tensor:
         """Evaluation views uint8 [num_clips * num_crops, T, H, W, 3]: clips evenly spaced over the video, crops
         evenly spaced along its long side (1 crop = centre)."""
-        last_start = max(self._count(index) - self._span(), 0)
+        last_start = max(self._count(index) - self._span(self.spec), 0)
         views = []
         for clip in range(num_clips):
             start = round(last_start * (clip + 0.5) / num_clips)
-            frames = self._decode(index, start)
+            frames = self._decode(index, start, self.spec)
             height, width = frames.shape[1:3]
             for crop in range(num_crops):
                 share = 0.5 if num_crops == 1 else crop / (num_crops - 1)
                 top = round((height - self.spec.size) * (share if height > width else 0.5))
                 left = round((width - self.spec.size) * (share if width >= height else 0.5))
-                views.append(self._crop(frames, top, left))
+                views.append(self._crop(frames, top, left, self.spec))
         return torch.stack(views)
 
-    def _span(self) -> int:
-        return (self.spec.frames - 1) * self.spec.stride + 1
+    @staticmethod
+    def _span(spec: ClipSpec) -> int:
+        return (spec.frames - 1) * spec.stride + 1
 
     def _count(self, index: int) -> int:
         if index not in self._counts:
@@ -90,21 +97,40 @@ class VideoList(Dataset):
                 self._counts[index] = len(reader)
         return self._counts[index]
 
-    def _decode(self, index: int, start: int) -> Tensor:
+    def _decode(self, index: int, start: int, spec: ClipSpec) -> Tensor:
         """Frames start, start + stride, ... resized so the short side is ``short_side``; indices past the end
         repeat the last frame (short videos loop their tail)."""
         last = self._count(index) - 1
-        indices = [min(start + i * self.spec.stride, last) for i in range(self.spec.frames)]
+        indices = [min(start + i * spec.stride, last) for i in range(spec.frames)]
         with VideoReader(self.entries[index][0]) as reader:
             width, height = reader.metadata.width, reader.metadata.height
-            short = self.spec.short_side or self.spec.size
+            short = spec.short_side or spec.size
             scale = short / min(width, height)
             size = (max(short, round(height * scale)), max(short, round(width * scale)))
             return reader.get_frames(indices, size=size)
 
-    def _crop(self, frames: Tensor, top: int, left: int) -> Tensor:
-        size = self.spec.size
+    @staticmethod
+    def _crop(frames: Tensor, top: int, left: int, spec: ClipSpec) -> Tensor:
+        size = spec.size
         return frames[:, top:top + size, left:left + size].contiguous()
+
+
+class FlexiVideoList(VideoList):
+    """Flux flexi-sampling: every clip of a step, on every rank, gets the (frames, resolution) that
+    ``flexi.draw`` picks from the step's seed, so a batch stacks and ``--resume`` replays the same settings."""
+
+    def __init__(self, list_file: str | Path, stride: int, flexi: FlexiSampling):
+        super().__init__(list_file, ClipSpec(stride=stride))
+        self.flexi = flexi
+
+    def setting(self, seed: int) -> tuple[int, int]:
+        """(frames, resolution) of the step that sample ``seed`` belongs to."""
+        return self.flexi.draw(torch.Generator().manual_seed(seed // SLOTS))
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int, int]:
+        index, seed = item
+        frames, size = self.setting(seed)
+        return self.sample(index, seed, replace(self.spec, frames=frames, size=size)), self.entries[index][1], seed
 
 
 def collate(batch: list[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor, list[int]]:
@@ -141,4 +167,4 @@ class StepSampler:
 
 
 def sample_seed(seed: int, step: int, slot: int) -> int:
-    return (seed * 1_000_003 + step) * 4096 + slot
+    return (seed * 1_000_003 + step) * SLOTS + slot

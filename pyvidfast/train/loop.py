@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from pyvidfast.flux import DoubleMaskSettings, FlexiSampling
 from pyvidfast.masking import dual_masks
 from pyvidfast.models import create_model
 from pyvidfast.models.videomae import normalize_video, pretrain_loss
-from pyvidfast.train.data import ClipSpec, StepSampler, VideoList, collate
+from pyvidfast.train.data import SLOTS, ClipSpec, FlexiVideoList, StepSampler, VideoList, collate
+from pyvidfast.train.flux import FluxObjective, VideoMAETeacher
 from pyvidfast.train.optim import make_optimizer, make_scheduler
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -178,17 +180,44 @@ def build_model(args) -> torch.nn.Module:
     return create_model(args.model, pretrained=getattr(args, "init", None), **kwargs)
 
 
+def is_flux(args, task: str) -> bool:
+    return task == "distill" or (task == "finetune" and args.flux)
+
+
+def build_flux(args, task: str) -> tuple[FluxObjective, FlexiSampling]:
+    """The Flux objective of ``finetune --flux`` or ``distill`` and its flexi-sampling ranges."""
+    flexi = FlexiSampling(tuple(args.flexi_frames), tuple(args.flexi_resolutions), args.min_tokens, args.max_tokens)
+    if task == "finetune":
+        if args.rlt:
+            raise ValueError("--rlt: Flux fine-tuning selects tokens with group_topk; RLT packing does not apply")
+        return FluxObjective(build_model(args), args.budgets, args.label_smoothing), flexi
+    teacher_kwargs = json.loads(args.teacher_kwargs) if args.teacher_kwargs else {}
+    teacher = VideoMAETeacher(create_model(args.teacher, pretrained=args.teacher_checkpoint, **teacher_kwargs))
+    settings = DoubleMaskSettings(tuple(args.teacher_resolutions), args.teacher_budget,
+                                  teacher.model.patch_size, teacher.model.tubelet_size, tuple(args.student_layers),
+                                  tuple(args.teacher_layers))
+    return FluxObjective(build_model(args), teacher=teacher, settings=settings, budget=args.budget), flexi
+
+
 def train(args, task: str) -> list[float]:
-    """Runs ``task`` ("pretrain" or "finetune") to ``args.steps`` (or ``args.stop_at``); returns this run's losses."""
+    """Runs ``task`` ("pretrain", "finetune" or "distill") to ``args.steps`` (or ``args.stop_at``); returns this
+    run's losses. ``finetune --flux`` and ``distill`` train a :class:`FluxObjective` on flexi-sampled clips."""
     ctx = Context(args.device)
     out = Path(args.out)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed + ctx.rank)
-    model = build_model(args).to(ctx.device)
+    flux = is_flux(args, task)
+    if flux:
+        model, flexi = build_flux(args, task)
+        dataset = FlexiVideoList(args.list, args.stride, flexi)
+        if model.teacher is not None:
+            model.teacher.model.to(ctx.device)
+    else:
+        model = build_model(args)
+        dataset = VideoList(args.list, ClipSpec(model.num_frames, args.stride, model.img_size))
+    model = model.to(ctx.device)
     core = model
-    spec = ClipSpec(core.num_frames, args.stride, core.img_size)
-    dataset = VideoList(args.list, spec)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.layer_decay if task == "finetune" else 1.0,
                                betas=tuple(args.betas))
     scheduler = make_scheduler(optimizer, args.warmup_steps, args.steps, args.lr, args.min_lr)
@@ -199,8 +228,9 @@ def train(args, task: str) -> list[float]:
     elif args.resume and args.resume != "auto":
         raise FileNotFoundError(f"resume: no checkpoint at {resume}")
     if ctx.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(  # distillation leaves the student's heads unused
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=task == "distill")
 
     stop = min(args.stop_at or args.steps, args.steps)
     sampler = StepSampler(len(dataset), args.batch_size, ctx.rank, ctx.world, args.seed, start, stop)
@@ -216,21 +246,30 @@ def train(args, task: str) -> list[float]:
     for clips, labels, seeds in loader:
         began = time.perf_counter()
         clips = clips.to(ctx.device, non_blocking=True)
+        info = {}
         with autocast:
-            if task == "pretrain":
+            if task == "distill":
+                # The teacher's resolution of this step, from the step's seed (the same on every rank).
+                teacher_resolution = core.settings.draw_teacher_resolution(
+                    torch.Generator().manual_seed(seeds[0] // SLOTS))
+                loss, info = model(normalize_video(clips), teacher_resolution=teacher_resolution)
+            elif task == "pretrain":
                 mask, decode_mask = dual_masks(seeds, core.grid, args.mask_ratio, args.decoder_mask_ratio)
                 decode_mask = None if decode_mask is None else decode_mask.to(ctx.device)
                 loss = pretrain_loss(model, normalize_video(clips), mask.to(ctx.device), decode_mask)
             else:
-                targets = F.one_hot(labels.to(ctx.device), core.num_classes).float()
+                targets = F.one_hot(labels.to(ctx.device), getattr(core, "backbone", core).num_classes).float()
                 if args.mixup > 0 or args.cutmix > 0:
                     rng = np.random.default_rng(seeds[0])  # seeded per step: reproducible on resume
                     video, targets = mix_batch(normalize_video(clips), targets, args.mixup, args.cutmix, rng)
                     inputs = core.tokenize(video) if args.rlt else video
                 else:
                     inputs = core.tokenize(clips) if args.rlt else normalize_video(clips)
-                logits = model(inputs)
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=args.label_smoothing)
+                if flux:
+                    loss, info = model(inputs, targets)
+                else:
+                    logits = model(inputs)
+                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=args.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad if args.clip_grad > 0
@@ -242,7 +281,7 @@ def train(args, task: str) -> list[float]:
         value = ctx.mean(loss)
         losses.append(value)
         metrics.log({"step": step, "loss": value, "lr": lr, "grad_norm": float(grad_norm),
-                     "step_s": time.perf_counter() - began})
+                     "step_s": time.perf_counter() - began, **info})
         progress.update(1)
         progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
         if step % args.save_every == 0 or step == stop:

@@ -6,12 +6,12 @@ import math
 import torch
 from torch import nn
 
-NO_DECAY_NAMES = ("pos_embed", "mask_token", "length_embed")
+NO_DECAY_NAMES = ("pos_embed", "mask_token", "length_embed", "cls_token")
 
 
 def layer_id(name: str, depth: int) -> int:
     """0 for the patch embedding and tokens, i + 1 for block i, depth + 1 for the rest (fc_norm, head)."""
-    if name.startswith(("patch_embed.", "pos_embed", "length_embed", "mask_token")):
+    if name.startswith(("patch_embed.", "pos_embed", "length_embed", "mask_token", "cls_token")):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
@@ -20,11 +20,13 @@ def layer_id(name: str, depth: int) -> int:
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
     """Groups with an ``lr_scale``: ``layer_decay ** (depth + 1 - layer_id)`` when the model has ``blocks`` and
-    layer_decay < 1, else 1. Biases, 1-D parameters (norms, q/v biases) and tokens get no weight decay."""
-    depth = len(getattr(model, "blocks", []))
+    layer_decay < 1, else 1. Biases, 1-D parameters (norms, q/v biases) and tokens get no weight decay. A training
+    objective that wraps its model as ``backbone`` (``pyvidfast.train.flux``) is grouped by the backbone's names."""
+    depth = len(getattr(getattr(model, "backbone", model), "blocks", []))
     use_layers = layer_decay < 1.0 and depth > 0
     groups: dict[tuple[int, bool], dict] = {}
-    for name, param in model.named_parameters():
+    for full_name, param in model.named_parameters():
+        name = full_name.removeprefix("backbone.")
         if not param.requires_grad:
             continue
         decay = param.ndim > 1 and not name.endswith(".bias") and not name.startswith(NO_DECAY_NAMES)
@@ -34,7 +36,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
             "lr_scale": layer_decay ** (depth + 1 - layer) if use_layers else 1.0,
         })
         group["params"].append(param)
-        group["names"].append(name)
+        group["names"].append(full_name)
     return [groups[key] for key in sorted(groups)]
 
 
