@@ -28,6 +28,7 @@ import torch
 
 from bench.common import RESULTS_DIR, markdown_table, matmul_rate, time_fn, write_json
 from pyvidfast import samples
+from pyvidfast.io import decode_frames
 from pyvidfast.models import create_model
 from pyvidfast.models.fluxvit import HEAD_BUDGETS, FluxViT
 from pyvidfast.models.videomae import normalize_video
@@ -43,7 +44,7 @@ def load_batch(name: str, batch: int, frames: int, stride: int, gap: int, size: 
     resized = (max(size, round(clip.height * scale)), max(size, round(clip.width * scale)))
     top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
     path = samples.sample_path(name)
-    clips = [samples.decode_frames(path, frames, start=i * gap, stride=stride, size=resized) for i in range(batch)]
+    clips = [decode_frames(path, frames, start=i * gap, stride=stride, size=resized) for i in range(batch)]
     return torch.stack(clips)[:, :, top:top + size, left:left + size].contiguous()
 
 

@@ -110,27 +110,3 @@ def _apt_download(package: str, folder: Path) -> None:
 
 __all__ = ["CLIPS", "Clip", "all_samples", "cache_dir", "check", "sample_path"]
 
-
-def decode_frames(path, count: int, start: int = 0, stride: int = 1, size: tuple[int, int] | None = None):
-    """Frames start, start+stride, ... (count of them) of a clip as uint8 [count, H, W, 3], decoded sequentially
-    with PyAV; ``size=(height, width)`` resizes (bilinear, FFmpeg's swscale). Used by tests, benchmarks and the demo
-    until ``pyvidfast.io`` serves them."""
-    import av
-    import numpy as np
-    import torch
-
-    wanted = {start + i * stride: i for i in range(count)}
-    out = [None] * count
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for index, frame in enumerate(container.decode(stream)):
-            if index in wanted:
-                if size is not None:
-                    frame = frame.reformat(width=size[1], height=size[0], interpolation="BILINEAR")
-                out[wanted[index]] = frame.to_ndarray(format="rgb24")
-            if index >= start + (count - 1) * stride:
-                break
-    if any(f is None for f in out):
-        raise ValueError(f"path: {path} has fewer than {start + (count - 1) * stride + 1} frames")
-    return torch.from_numpy(np.stack(out))

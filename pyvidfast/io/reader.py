@@ -161,8 +161,8 @@ class VideoReader:
 
 def decode_frames(path, count: int, start: int = 0, stride: int = 1, size: tuple[int, int] | None = None,
                   threads: int = 0) -> Tensor:
-    """Frames start, start+stride, ... (count of them) as uint8 ``[count, H, W, 3]``: a drop-in for
-    ``pyvidfast.samples.decode_frames`` (resizing here is antialiased bilinear)."""
+    """Frames start, start+stride, ... (count of them) as uint8 ``[count, H, W, 3]``, resized to ``size=(H, W)``
+    (antialiased bilinear) when given: the one-call form used by tests, benchmarks and the demo."""
     with VideoReader(path, threads=threads) as reader:
         if start + (count - 1) * stride >= len(reader):
             raise ValueError(f"path: {path} has fewer than {start + (count - 1) * stride + 1} frames")
