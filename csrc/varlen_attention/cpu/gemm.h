@@ -11,9 +11,29 @@ extern "C" void dgemm_(const char* transa, const char* transb, const int* m, con
                        const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
                        const double* beta, double* c, const int* ldc) __attribute__((weak));
 
+// MKL would otherwise start its own threads inside each of our worker threads: with OpenMP's spinning waits that
+// oversubscribes the cores and was measured 10-50x slower under load.
+// libtorch exports MKL's Fortran-style entry (argument by pointer).
+extern "C" int mkl_set_num_threads_local_(const int* threads) __attribute__((weak));
+
 namespace vidfast::attention::cpu {
 
-inline bool have_blas_sgemm() { return sgemm_ != nullptr; }
+// While alive, BLAS calls from this thread run on this thread only.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() {
+    const int one = 1;
+    saved_ = mkl_set_num_threads_local_ ? mkl_set_num_threads_local_(&one) : 0;
+  }
+  ~SingleThreadedBlas() {
+    if (mkl_set_num_threads_local_) mkl_set_num_threads_local_(&saved_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int saved_ = 0;
+};
 
 // C[m, n] = alpha * op(A) op(B) + beta * C with op(A) [m, k] and op(B) [k, n]; a transposed operand is stored as
 // its transpose, row-major. beta = 0 ignores C's old values (they may be uninitialized).

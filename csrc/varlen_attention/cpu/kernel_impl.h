@@ -30,7 +30,14 @@ void parallel_dynamic(int64_t num_tasks, const Worker& worker) {
     return t < num_tasks ? t : -1;
   };
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_tasks);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(next); });
+  if (workers == 1) {
+    worker(next);  // one task: BLAS may use every thread inside it
+    return;
+  }
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const SingleThreadedBlas single_threaded;
+    worker(next);
+  });
 }
 
 struct Task {

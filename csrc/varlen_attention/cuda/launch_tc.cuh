@@ -8,6 +8,7 @@ namespace vidfast::attention::cuda {
 
 template <typename T, int D>
 void launch_forward_tc(const ForwardArgs& a, int64_t batch, int64_t max_seqlen_q, cudaStream_t stream) {
+  if (max_seqlen_q == 0 || batch == 0) return;  // an empty grid is a launch error
   constexpr int bytes = int(ForwardSmem<T, D>::bytes);
   C10_CUDA_CHECK(cudaFuncSetAttribute(forward_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   const dim3 grid(unsigned(ceil_div(max_seqlen_q, kTileRows)), unsigned(a.heads), unsigned(batch));
@@ -17,6 +18,7 @@ void launch_forward_tc(const ForwardArgs& a, int64_t batch, int64_t max_seqlen_q
 
 template <typename T, int D>
 void launch_backward_tc(const BackwardArgs& a, int64_t batch, int64_t max_seqlen_k, cudaStream_t stream) {
+  if (max_seqlen_k == 0 || batch == 0) return;
   constexpr int bytes = int(BackwardSmem<T, D>::bytes);
   C10_CUDA_CHECK(cudaFuncSetAttribute(backward_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   const dim3 grid(unsigned(ceil_div(max_seqlen_k, kTileRows)), unsigned(a.kv_heads), unsigned(batch));

@@ -97,10 +97,10 @@ __global__ void backward_simple_kernel(BackwardArgs ba) {
     const scalar_t* vj = static_cast<const scalar_t*>(a.v) + (k0 + j) * a.v_s0 + hk * a.v_s1;
     float s = 0.f, dp = 0.f;
     for (int64_t c = 0; c < d; ++c) {
-      s += qf[c] * float(kj[c]);
+      s += (qf[c] * a.scale) * float(kj[c]);  // rounded as in the forward kernel, which produced lse
       dp += dof[c] * float(vj[c]);
     }
-    const float pj = expf(s * a.scale - shift), ds = pj * (dp - delta) * a.scale;
+    const float pj = expf(s - shift), ds = pj * (dp - delta) * a.scale;
     float* dk = ba.grad_k_accum + ((k0 + j) * ba.kv_heads + hk) * d;
     float* dv = ba.grad_v_accum + ((k0 + j) * ba.kv_heads + hk) * d;
     for (int64_t c = 0; c < d; ++c) {
