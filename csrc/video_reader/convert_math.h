@@ -3,6 +3,7 @@
 // shared by the CPU kernel and the CUDA NV12 kernel so both compute the same numbers.
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/hostdevice.h"
 
@@ -101,6 +102,16 @@ VIDFAST_HD float axis_weight(const ResizeAxis& a, int i, int j) {
 
 VIDFAST_HD uint8_t to_uint8(float v) {
   return static_cast<uint8_t>(fminf(fmaxf(v + 0.5f, 0.0f), 255.0f));
+}
+
+// A converted value in the output dtype: uint8 rounds and clamps, floating types convert.
+template <typename T>
+VIDFAST_HD T store_value(float v) {
+  if constexpr (std::is_same_v<T, uint8_t>) {
+    return to_uint8(v);
+  } else {
+    return T(v);
+  }
 }
 
 }  // namespace vidfast::video_reader

@@ -49,21 +49,6 @@ struct AxisTable {
 };
 
 template <typename T>
-inline T store_value(float v);
-template <>
-inline uint8_t store_value<uint8_t>(float v) {
-  return to_uint8(v);
-}
-template <>
-inline float store_value<float>(float v) {
-  return v;
-}
-template <>
-inline c10::BFloat16 store_value<c10::BFloat16>(float v) {
-  return c10::BFloat16(v);
-}
-
-template <typename T>
 void convert_rows(const PictureView& pic, const OutputSpec& spec, T* out, int row_begin, int row_end) {
   const int ow = spec.width;
   const int rows = row_end - row_begin;

@@ -53,21 +53,6 @@ __device__ float resample(const uint8_t* plane, int64_t pitch, int step, const R
 }
 
 template <typename T>
-__device__ T store_value(float v);
-template <>
-__device__ uint8_t store_value<uint8_t>(float v) {
-  return to_uint8(v);
-}
-template <>
-__device__ float store_value<float>(float v) {
-  return v;
-}
-template <>
-__device__ c10::BFloat16 store_value<c10::BFloat16>(float v) {
-  return c10::BFloat16(v);
-}
-
-template <typename T>
 __global__ void nv12_kernel(Nv12Args a, T* out) {
   const int ox = blockIdx.x * blockDim.x + threadIdx.x;
   const int oy = blockIdx.y * blockDim.y + threadIdx.y;
