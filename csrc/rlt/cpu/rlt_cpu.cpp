@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -229,18 +230,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rlt_tokenize_cpu(
   int32_t* pos_out = positions.data_ptr<int32_t>();
   int32_t* len_out = token_lengths.data_ptr<int32_t>();
   const int64_t dim = g.patch_dim();
+  // Threads split the kept tokens, not the rows: clips keep very different shares, so equal row ranges would
+  // leave one thread with most of the copying.
   auto gather_rows = [&](auto gather_token, auto* out) {
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      int64_t r = std::upper_bound(row_start.begin(), row_start.end(), begin) - row_start.begin() - 1;
+      for (int64_t slot = row_start[r]; slot < end; ++r) {
         const int64_t b = r / (g.tp * g.hp), t = (r / g.hp) % g.tp, h = r % g.hp;
-        int64_t slot = row_start[r];
-        for (int64_t w = 0; w < g.wp; ++w) {
+        for (int64_t w = 0; w < g.wp && slot < end; ++w) {
           if (!keep_ptr[r * g.wp + w]) continue;
-          pos_out[3 * slot] = int32_t(t);
-          pos_out[3 * slot + 1] = int32_t(h);
-          pos_out[3 * slot + 2] = int32_t(w);
-          len_out[slot] = len_ptr[r * g.wp + w];
-          gather_token(b, t, h, w, out + slot * dim);
+          if (slot >= begin) {
+            pos_out[3 * slot] = int32_t(t);
+            pos_out[3 * slot + 1] = int32_t(h);
+            pos_out[3 * slot + 2] = int32_t(w);
+            len_out[slot] = len_ptr[r * g.wp + w];
+            gather_token(b, t, h, w, out + slot * dim);
+          }
           ++slot;
         }
       }
