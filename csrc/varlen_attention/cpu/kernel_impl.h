@@ -119,6 +119,21 @@ SeqBounds bounds(const int32_t* cu_q, const int32_t* cu_k, int64_t b) {
   return {cu_q[b], int64_t(cu_q[b + 1]) - cu_q[b], cu_k[b], int64_t(cu_k[b + 1]) - cu_k[b]};
 }
 
+// Scores of one tile, S = scale Q K^T (rows x n, row stride kBlockK), each row's keys past its causal end zeroed;
+// then row_fn(r, row, valid) with the number of keys row r sees in this tile. The forward and backward passes both
+// come through here, so the backward recomputes exactly the forward's scores.
+template <typename acc_t, typename RowFn>
+void score_tile(const Params& p, const SeqBounds& s, int64_t i0, int64_t kb, int64_t rows, int64_t n, int64_t d,
+                acc_t scale, const Tile<acc_t>& qt, const Tile<acc_t>& kt, acc_t* scores, RowFn&& row_fn) {
+  gemm(false, true, rows, n, d, scale, qt.data, qt.ld, kt.data, kt.ld, acc_t(0), scores, kBlockK);
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* row = scores + r * kBlockK;
+    const int64_t valid = std::clamp<int64_t>(key_end(i0 + r, s.lq, s.lk, p.causal) - kb, 0, n);
+    std::fill(row + valid, row + n, acc_t(0));
+    row_fn(r, row, valid);
+  }
+}
+
 template <typename scalar_t>
 void forward_typed(const Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const int32_t* cu_q, const int32_t* cu_k, at::Tensor& out, at::Tensor& lse) {
@@ -161,12 +176,8 @@ void forward_typed(const Params& p, const at::Tensor& q, const at::Tensor& k, co
       for (int64_t kb = 0; kb < keys; kb += kBlockK) {
         const int64_t n = std::min(kBlockK, keys - kb);
         const Tile<acc_t> kt = load_tile(k_ptr + (s.k0 + kb) * ks0 + hk * ks1, ks0, n, d, k_buf.data());
-        gemm(false, true, rows, n, d, scale, qt.data, qt.ld, kt.data, kt.ld, acc_t(0), probs.data(), kBlockK);
-        for (int64_t r = 0; r < rows; ++r) {
-          acc_t* row = probs.data() + r * kBlockK;
-          const int64_t valid = std::clamp<int64_t>(key_end(i0 + r, s.lq, s.lk, p.causal) - kb, 0, n);
-          std::fill(row + valid, row + n, acc_t(0));
-          if (valid == 0) continue;
+        score_tile(p, s, i0, kb, rows, n, d, scale, qt, kt, probs.data(), [&](int64_t r, acc_t* row, int64_t valid) {
+          if (valid == 0) return;
           const acc_t m_new = std::max(row_max[r], row_maximum(row, valid));
           const acc_t alpha = softmax_rescale(row_max[r], m_new);
           row_sum[r] = row_sum[r] * alpha + exp_and_sum(row, valid, softmax_shift(m_new));
@@ -176,7 +187,7 @@ void forward_typed(const Params& p, const at::Tensor& q, const at::Tensor& k, co
 #pragma omp simd
             for (int64_t c = 0; c < d; ++c) a[c] *= alpha;
           }
-        }
+        });
         const Tile<acc_t> vt = load_tile(v_ptr + (s.k0 + kb) * vs0 + hk * vs1, vs0, n, d, v_buf.data());
         gemm(false, false, rows, d, n, acc_t(1), probs.data(), kBlockK, vt.data, vt.ld, acc_t(1), acc.data(), d);
       }
@@ -266,14 +277,9 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
             const int64_t n = std::min(kBlockK, keys - kb);
             const Tile<acc_t> kt = load_tile(k_ptr + (s.k0 + kb) * ks0 + hk * ks1, ks0, n, d, k_buf.data());
             const Tile<acc_t> vt = load_tile(v_ptr + (s.k0 + kb) * vs0 + hk * vs1, vs0, n, d, v_buf.data());
-            // Scaled in the GEMM exactly as in the forward pass, so p matches the forward's lse to the last bit.
-            gemm(false, true, rows, n, d, scale, qt.data, qt.ld, kt.data, kt.ld, acc_t(0), probs.data(), kBlockK);
-            for (int64_t r = 0; r < rows; ++r) {
-              acc_t* row = probs.data() + r * kBlockK;
-              const int64_t valid = std::clamp<int64_t>(key_end(i0 + r, s.lq, s.lk, p.causal) - kb, 0, n);
-              std::fill(row + valid, row + n, acc_t(0));
-              exp_and_sum(row, valid, shift[r]);
-            }
+            // The forward's scores to the last bit, so P matches the forward's lse.
+            score_tile(p, s, i0, kb, rows, n, d, scale, qt, kt, probs.data(),
+                       [&](int64_t r, acc_t* row, int64_t valid) { exp_and_sum(row, valid, shift[r]); });
             // dV += P^T dO, dP = dO V^T, dS = P * (dP - delta), dQ += scale dS K, dK += scale dS^T Q.
             gemm(true, false, n, d, rows, acc_t(1), probs.data(), kBlockK, dot.data, dot.ld, acc_t(1),
                  dv_acc.data() + kb * d, d);
