@@ -1,5 +1,9 @@
 """rlt_mask / rlt_tokenize against an independent float64 reference of the RLT rule."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,6 +141,33 @@ def test_uint8_and_float_inputs_give_the_same_tokens(sample_clips):
     assert torch.equal(a.positions, b.positions) and torch.equal(a.lengths, b.lengths)
     assert torch.equal(a.cu_seqlens, b.cu_seqlens)
     torch.testing.assert_close(a.patches, b.patches, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="needs AVX2")
+def test_avx2_gather_matches_the_portable_kernel(sample_clips, tmp_path):
+    """16-pixel patches from uint8 take an AVX2 path with explicit shuffles and streaming stores; the portable
+    kernel (forced with ATEN_CPU_CAPABILITY=default in a fresh process) must give the same tokens, up to the one
+    rounding of a fused multiply-add."""
+    video = decode_frames(sample_clips["cockatoo.mp4"], 8, stride=2, size=(48, 80))[None]
+    video = torch.cat([video, video.flip(2)])
+    names = ["float32", "bfloat16", "float16"]
+    torch.save(video, tmp_path / "video.pt")
+    script = (
+        "import torch\n"
+        "from pyvidfast.ops import rlt_tokenize\n"
+        "assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT'\n"
+        f"video = torch.load(r'{tmp_path / 'video.pt'}')\n"
+        f"out = [rlt_tokenize(video, out_dtype=getattr(torch, n)).patches for n in {names!r}]\n"
+        f"torch.save(out, r'{tmp_path / 'portable.pt'}')\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
+    portable = torch.load(tmp_path / "portable.pt")
+    for dtype, expected in zip([getattr(torch, n) for n in names], portable):
+        ours = rlt_tokenize(video, out_dtype=dtype).patches
+        assert ours.shape == expected.shape and ours.shape[0] > 0
+        ulp = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+        torch.testing.assert_close(ours.float(), expected.float(), rtol=ulp, atol=ulp)
 
 
 def test_lengths_are_in_token_order_unlike_the_original_code():

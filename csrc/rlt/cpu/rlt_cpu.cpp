@@ -10,6 +10,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "common/cpu_alloc.h"
 #include "common/cpu_dispatch.h"
 #include "common/nvtx.h"
@@ -18,9 +22,12 @@
 namespace vidfast::rlt {
 namespace {
 
-// keep[b, t', h', w'] for one row (b, t', h') of tokens, from uint8 [B, T, H, W, 3].
-VIDFAST_CPU_CLONES void keep_row_uint8(const Params& p, const uint8_t* video, int64_t b, int64_t t, int64_t h, bool* keep,
-                    std::vector<int32_t>& acc) {
+// keep[b, t', h', w'] for one row (b, t', h') of tokens, from uint8 [B, T, H, W, 3]. acc_t holds a column's sum
+// of |later - earlier| over the patch rows: uint16_t while patch * 255 fits (patch <= 257), which halves the
+// vector work of the widest loop, int32_t beyond.
+template <typename acc_t>
+VIDFAST_CPU_CLONES void keep_row_uint8(const Params& p, const uint8_t* video, int64_t b, int64_t t, int64_t h,
+                                       bool* keep, std::vector<acc_t>& acc) {
   const Grid& g = p.grid;
   const int64_t row_len = g.width * 3;
   acc.assign(row_len, 0);
@@ -28,13 +35,15 @@ VIDFAST_CPU_CLONES void keep_row_uint8(const Params& p, const uint8_t* video, in
   for (int64_t ph = 0; ph < g.patch; ++ph) {
     const uint8_t* later = video + g.thwc(b, g.later_frame(t), h * g.patch + ph, 0);
     const uint8_t* earlier = video + g.thwc(b, g.earlier_frame(t), h * g.patch + ph, 0);
-    int32_t* a = acc.data();
+    acc_t* a = acc.data();
 #pragma omp simd
-    for (int64_t i = 0; i < row_len; ++i) a[i] += std::abs(int32_t(later[i]) - int32_t(earlier[i]));
+    for (int64_t i = 0; i < row_len; ++i) {
+      a[i] += acc_t(later[i] > earlier[i] ? later[i] - earlier[i] : earlier[i] - later[i]);
+    }
   }
   for (int64_t w = 0; w < g.wp; ++w) {
     int64_t sums[3] = {0, 0, 0};
-    const int32_t* a = acc.data() + w * g.patch * 3;
+    const acc_t* a = acc.data() + w * g.patch * 3;
     for (int64_t x = 0; x < g.patch; ++x) {
       sums[0] += a[3 * x];
       sums[1] += a[3 * x + 1];
@@ -85,10 +94,14 @@ void compute_keep(const Params& p, const at::Tensor& video, bool* keep) {
     };
   };
   if (p.is_uint8) {
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<int32_t> acc;
-      row_task(keep_row_uint8, video.data_ptr<uint8_t>(), acc)(begin, end);
-    });
+    auto run = [&](auto acc_zero) {
+      using acc_t = decltype(acc_zero);
+      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> acc;
+        row_task(keep_row_uint8<acc_t>, video.data_ptr<uint8_t>(), acc)(begin, end);
+      });
+    };
+    g.patch * 255 <= 65535 ? run(uint16_t(0)) : run(int32_t(0));
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, video.scalar_type(), "rlt_mask_cpu", [&] {
       at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
@@ -175,6 +188,109 @@ VIDFAST_CPU_CLONES void gather_token_uint8(const Grid& g, const uint8_t* __restr
   }
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define VIDFAST_RLT_X86 1
+#define VIDFAST_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// pshufb masks that take channel c of 16 interleaved RGB pixels (48 bytes in three 16-byte loads) from load k:
+// byte i of channel c is byte 3i + c of the row; 0x80 zeroes the lanes another load provides.
+struct DeinterleaveMasks {
+  alignas(16) int8_t m[3][3][16];
+  constexpr DeinterleaveMasks() : m() {
+    for (int c = 0; c < 3; ++c)
+      for (int k = 0; k < 3; ++k)
+        for (int i = 0; i < 16; ++i) m[c][k][i] = (3 * i + c) / 16 == k ? int8_t((3 * i + c) % 16) : int8_t(-128);
+  }
+};
+constexpr DeinterleaveMasks kDeinterleave;
+
+// bfloat16 bits (in the low half of each 32-bit lane) of 8 finite floats, rounded to nearest even as
+// from_finite does.
+VIDFAST_AVX2 inline __m256i bfloat16_bits(__m256 x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+}
+
+// 16 floats -> out_t at a 32-byte aligned dst, written around the caches: the output is far larger than the
+// caches and this op does not read it again, so streaming stores save the read-for-ownership of every line.
+template <typename out_t>
+VIDFAST_AVX2 inline void stream16(out_t* dst, __m256 lo, __m256 hi) {
+  if constexpr (std::is_same_v<out_t, float>) {
+    _mm256_stream_ps(dst, lo);
+    _mm256_stream_ps(dst + 8, hi);
+  } else if constexpr (std::is_same_v<out_t, c10::BFloat16>) {
+    // packus interleaves 128-bit lanes; the permute puts the 16 halves back in order.
+    const __m256i packed = _mm256_packus_epi32(bfloat16_bits(lo), bfloat16_bits(hi));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute4x64_epi64(packed, 0xD8));
+  } else {
+    static_assert(std::is_same_v<out_t, c10::Half>);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), _mm256_set_m128i(_mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT),
+                                                                         _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT)));
+  }
+}
+
+// gather_token_uint8 for 16-pixel patches with explicit shuffles: the compiler's stride-3 loads cost twice the
+// memory traffic's time. Each patch row is three 16-byte loads, three shuffles per channel, and 16 outputs per
+// channel (a whole cache line in float32; every such row starts 64-byte aligned in a 64-byte aligned output).
+template <typename out_t>
+VIDFAST_AVX2 void gather_token_uint8_p16_avx2(const Grid& g, const uint8_t* __restrict video,
+                                              const U8Normalizer<float>& norm, int64_t b, int64_t t, int64_t h,
+                                              int64_t w, out_t* __restrict out) {
+  constexpr int64_t kPatch = 16, kPP = kPatch * kPatch;
+  const int64_t channel_stride = g.tubelet * kPP;
+  __m128i masks[3][3];
+  __m256 scale[3], bias[3];
+  for (int c = 0; c < 3; ++c) {
+    for (int k = 0; k < 3; ++k) masks[c][k] = _mm_load_si128(reinterpret_cast<const __m128i*>(kDeinterleave.m[c][k]));
+    scale[c] = _mm256_set1_ps(norm.scale[c]);
+    bias[c] = _mm256_set1_ps(norm.bias[c]);
+  }
+  for (int64_t dt = 0; dt < g.tubelet; ++dt) {
+    const uint8_t* src = video + g.thwc(b, t * g.tubelet + dt, h * kPatch, w * kPatch);
+    const int64_t row_stride = g.width * 3;
+    out_t* dst = out + dt * kPP;
+    for (int64_t ph = 0; ph < kPatch; ++ph, src += row_stride, dst += kPatch) {
+      const __m128i in[3] = {_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)),
+                             _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16)),
+                             _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32))};
+      for (int c = 0; c < 3; ++c) {
+        const __m128i bytes = _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(in[0], masks[c][0]),
+                                                        _mm_shuffle_epi8(in[1], masks[c][1])),
+                                           _mm_shuffle_epi8(in[2], masks[c][2]));
+        const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+        const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(bytes, bytes)));
+        stream16<out_t>(dst + c * channel_stride, _mm256_fmadd_ps(lo, scale[c], bias[c]),
+                               _mm256_fmadd_ps(hi, scale[c], bias[c]));
+      }
+    }
+  }
+}
+
+// Runs gather_rows with the AVX2 token gather where out_t is one it writes; false where it is not.
+template <typename out_t, typename GatherRows>
+bool gather_uint8_p16_avx2(const Grid& g, const uint8_t* video, const Params& p, out_t* out, GatherRows& gather_rows) {
+  if constexpr (std::is_same_v<out_t, double>) {
+    return false;
+  } else {
+    TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(out) % 64 == 0, "rlt_tokenize: unaligned output");
+    const U8Normalizer<float> norm(p.mean, p.std);
+    gather_rows([&](int64_t b, int64_t t, int64_t h, int64_t w,
+                    out_t* dst) { gather_token_uint8_p16_avx2<out_t>(g, video, norm, b, t, h, w, dst); },
+                out);
+    return true;
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool has = [] {
+    const std::string capability = at::get_cpu_capability();
+    return capability == "AVX2" || capability == "AVX512";
+  }();
+  return has;
+}
+#endif
+
 template <int kPatch, typename in_t, typename out_t>
 VIDFAST_CPU_CLONES void gather_token_float(const Grid& g, const in_t* __restrict video, int64_t b, int64_t t,
                                            int64_t h, int64_t w, out_t* __restrict out) {
@@ -249,6 +365,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rlt_tokenize_cpu(
           ++slot;
         }
       }
+#if defined(VIDFAST_RLT_X86)
+      _mm_sfence();  // orders any streaming stores before the join
+#endif
     });
   };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.out_dtype, "rlt_tokenize_cpu", [&] {
@@ -259,6 +378,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rlt_tokenize_cpu(
       if (p.is_uint8) {
         const uint8_t* data = video.data_ptr<uint8_t>();
         const U8Normalizer<acc_type<out_t, uint8_t>> norm(p.mean, p.std);
+#if defined(VIDFAST_RLT_X86)
+        if (kPatch == 16 && cpu_has_avx2() && gather_uint8_p16_avx2(g, data, p, out, gather_rows)) return;
+#endif
         gather_rows([&](int64_t b, int64_t t, int64_t h, int64_t w,
                         out_t* dst) { gather_token_uint8<kPatch, out_t>(g, data, norm, b, t, h, w, dst); },
                     out);
