@@ -22,24 +22,78 @@
 namespace vidfast::rlt {
 namespace {
 
-// keep[b, t', h', w'] for one row (b, t', h') of tokens, from uint8 [B, T, H, W, 3]. acc_t holds a column's sum
-// of |later - earlier| over the patch rows: uint16_t while patch * 255 fits (patch <= 257), which halves the
-// vector work of the widest loop, int32_t beyond.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define VIDFAST_RLT_X86 1
+#define VIDFAST_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// The explicit AVX2 loops below run where ATen would pick AVX2 or AVX-512 (so ATEN_CPU_CAPABILITY=default
+// selects the portable loops, which the tests compare against).
+bool cpu_has_avx2() {
+  static const bool has = [] {
+    const std::string capability = at::get_cpu_capability();
+    return capability == "AVX2" || capability == "AVX512";
+  }();
+  return has;
+}
+#endif
+
+// Sums of |later - earlier| down `rows` image rows, for each of the row_len bytes of a row (contiguous, so the
+// loop vectorizes). acc_t is uint16_t while rows * 255 fits, int32_t beyond.
 template <typename acc_t>
-VIDFAST_CPU_CLONES void keep_row_uint8(const Params& p, const uint8_t* video, int64_t b, int64_t t, int64_t h,
-                                       bool* keep, std::vector<acc_t>& acc) {
-  const Grid& g = p.grid;
-  const int64_t row_len = g.width * 3;
-  acc.assign(row_len, 0);
-  // Sum |later - earlier| down the patch rows for the whole image row at once (contiguous, vectorizes).
-  for (int64_t ph = 0; ph < g.patch; ++ph) {
-    const uint8_t* later = video + g.thwc(b, g.later_frame(t), h * g.patch + ph, 0);
-    const uint8_t* earlier = video + g.thwc(b, g.earlier_frame(t), h * g.patch + ph, 0);
-    acc_t* a = acc.data();
+VIDFAST_CPU_CLONES void column_sums(const uint8_t* later, const uint8_t* earlier, int64_t row_stride, int64_t rows,
+                                    int64_t row_len, acc_t* acc) {
+  std::fill(acc, acc + row_len, acc_t(0));
+  for (int64_t y = 0; y < rows; ++y, later += row_stride, earlier += row_stride) {
 #pragma omp simd
     for (int64_t i = 0; i < row_len; ++i) {
-      a[i] += acc_t(later[i] > earlier[i] ? later[i] - earlier[i] : earlier[i] - later[i]);
+      acc[i] += acc_t(later[i] > earlier[i] ? later[i] - earlier[i] : earlier[i] - later[i]);
     }
+  }
+}
+
+#if defined(VIDFAST_RLT_X86)
+// column_sums for uint16 sums with the row loop innermost: 32 columns accumulate in registers over all rows, so
+// each input byte costs a load and a few byte ops instead of widening to memory-resident int32 sums.
+VIDFAST_AVX2 void column_sums_avx2(const uint8_t* later, const uint8_t* earlier, int64_t row_stride, int64_t rows,
+                                   int64_t row_len, uint16_t* acc) {
+  const __m256i zero = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 32 <= row_len; i += 32) {
+    __m256i lo = zero, hi = zero;
+    for (int64_t y = 0; y < rows; ++y) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(later + y * row_stride + i));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(earlier + y * row_stride + i));
+      const __m256i diff = _mm256_sub_epi8(_mm256_max_epu8(a, b), _mm256_min_epu8(a, b));
+      lo = _mm256_add_epi16(lo, _mm256_unpacklo_epi8(diff, zero));
+      hi = _mm256_add_epi16(hi, _mm256_unpackhi_epi8(diff, zero));
+    }
+    // unpack works within 128-bit lanes: lo holds bytes 0-7 and 16-23, hi 8-15 and 24-31.
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + i), _mm256_permute2x128_si256(lo, hi, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + i + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
+  }
+  if (i < row_len) column_sums(later + i, earlier + i, row_stride, rows, row_len - i, acc + i);
+}
+#endif
+
+// keep[b, t', h', w'] for one row (b, t', h') of tokens, from uint8 [B, T, H, W, 3].
+template <typename acc_t>
+void keep_row_uint8(const Params& p, const uint8_t* video, int64_t b, int64_t t, int64_t h, bool* keep,
+                    std::vector<acc_t>& acc) {
+  const Grid& g = p.grid;
+  acc.resize(g.width * 3);
+  const uint8_t* later = video + g.thwc(b, g.later_frame(t), h * g.patch, 0);
+  const uint8_t* earlier = video + g.thwc(b, g.earlier_frame(t), h * g.patch, 0);
+#if defined(VIDFAST_RLT_X86)
+  if constexpr (std::is_same_v<acc_t, uint16_t>) {
+    if (cpu_has_avx2()) {
+      column_sums_avx2(later, earlier, g.width * 3, g.patch, g.width * 3, acc.data());
+    } else {
+      column_sums(later, earlier, g.width * 3, g.patch, g.width * 3, acc.data());
+    }
+  } else
+#endif
+  {
+    column_sums(later, earlier, g.width * 3, g.patch, g.width * 3, acc.data());
   }
   for (int64_t w = 0; w < g.wp; ++w) {
     int64_t sums[3] = {0, 0, 0};
@@ -188,10 +242,7 @@ VIDFAST_CPU_CLONES void gather_token_uint8(const Grid& g, const uint8_t* __restr
   }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define VIDFAST_RLT_X86 1
-#define VIDFAST_AVX2 __attribute__((target("avx2,fma,f16c")))
-
+#if defined(VIDFAST_RLT_X86)
 // pshufb masks that take channel c of 16 interleaved RGB pixels (48 bytes in three 16-byte loads) from load k:
 // byte i of channel c is byte 3i + c of the row; 0x80 zeroes the lanes another load provides.
 struct DeinterleaveMasks {
@@ -282,13 +333,6 @@ bool gather_uint8_p16_avx2(const Grid& g, const uint8_t* video, const Params& p,
   }
 }
 
-bool cpu_has_avx2() {
-  static const bool has = [] {
-    const std::string capability = at::get_cpu_capability();
-    return capability == "AVX2" || capability == "AVX512";
-  }();
-  return has;
-}
 #endif
 
 template <int kPatch, typename in_t, typename out_t>
