@@ -9,7 +9,7 @@ import torch
 import pyvidfast
 from pyvidfast.io import decode_frames
 from pyvidfast.ops import rlt_tokenize, varlen_attention
-from tests.conftest import requires_cuda_kernels
+from tests.conftest import requires_cuda_kernels, requires_vector_kernels, run_portable
 
 # Error budgets, relative to the largest magnitude of the reference tensor. float32 accumulates like the reference
 # up to rounding (1e-7 per operation, sums of a few hundred terms). bfloat16 / float16 inputs are exact in the
@@ -187,6 +187,28 @@ def opcheck_samples():
         q, k, v, cu_q, cu_k = random_inputs([5, 0, 17], [5, 0, 17], heads=4, kv_heads=2, head_dim=16, dtype=dtype)
         cases.append((q, k, v, cu_q, cu_k, causal))
     return cases
+
+
+@requires_vector_kernels
+def test_vector_kernels_match_the_portable_kernels(tmp_path):
+    """float32 tiles run on oneDNN's brgemm micro-kernel (with transposed operand copies) where it works, and on
+    BLAS sgemm in the portable build: forward and gradients must agree to float32 rounding."""
+    lengths = [37, 0, 130, 1, 64]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v, grad = (torch.randn(sum(lengths), 4, 32) for _ in range(4))
+    code = (
+        "q, k, v, grad, cu = inputs\n"
+        "leaves = [t.clone().requires_grad_() for t in (q, k, v)]\n"
+        "out = varlen_attention(*leaves, cu, cu, 130, 130, causal=True)\n"
+        "out.backward(grad)\n"
+        "result = [out.detach()] + [t.grad for t in leaves]"
+    )
+    portable = run_portable(tmp_path, code, (q, k, v, grad, cu))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = varlen_attention(*leaves, cu, cu, 130, 130, causal=True)
+    out.backward(grad)
+    for ours, expected in zip([out.detach()] + [t.grad for t in leaves], portable):
+        torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", range(3))

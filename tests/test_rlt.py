@@ -1,9 +1,5 @@
 """rlt_mask / rlt_tokenize against an independent float64 reference of the RLT rule."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +7,7 @@ import torch.nn.functional as F
 from pyvidfast.ops import IMAGENET_MEAN, IMAGENET_STD, RLTTokenizer, rlt_mask, rlt_tokenize
 from pyvidfast.io import decode_frames
 
-from conftest import requires_cuda_kernels
+from conftest import requires_cuda_kernels, requires_vector_kernels, run_portable
 
 NEAR = 1e-6  # masks may differ only where |distance - threshold| < NEAR (float rounding at the boundary)
 
@@ -143,31 +139,23 @@ def test_uint8_and_float_inputs_give_the_same_tokens(sample_clips):
     torch.testing.assert_close(a.patches, b.patches, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="needs AVX2")
+@requires_vector_kernels
 def test_avx2_gather_matches_the_portable_kernel(sample_clips, tmp_path):
-    """16-pixel patches from uint8 take an AVX2 path with explicit shuffles and streaming stores; the portable
-    kernel (forced with ATEN_CPU_CAPABILITY=default in a fresh process) must give the same tokens, up to the one
-    rounding of a fused multiply-add."""
+    """16-pixel patches from uint8 take an AVX2 path with explicit shuffles and streaming stores (and AVX2 column
+    sums for the mask); the portable kernels must give the same tokens, up to the one rounding of a fused
+    multiply-add."""
     video = decode_frames(sample_clips["cockatoo.mp4"], 8, stride=2, size=(48, 80))[None]
     video = torch.cat([video, video.flip(2)])
     names = ["float32", "bfloat16", "float16"]
-    torch.save(video, tmp_path / "video.pt")
-    script = (
-        "import torch\n"
-        "from pyvidfast.ops import rlt_tokenize\n"
-        "assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT'\n"
-        f"video = torch.load(r'{tmp_path / 'video.pt'}')\n"
-        f"out = [rlt_tokenize(video, out_dtype=getattr(torch, n)).patches for n in {names!r}]\n"
-        f"torch.save(out, r'{tmp_path / 'portable.pt'}')\n"
-    )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
-    portable = torch.load(tmp_path / "portable.pt")
-    for dtype, expected in zip([getattr(torch, n) for n in names], portable):
-        ours = rlt_tokenize(video, out_dtype=dtype).patches
-        assert ours.shape == expected.shape and ours.shape[0] > 0
-        ulp = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
-        torch.testing.assert_close(ours.float(), expected.float(), rtol=ulp, atol=ulp)
+    portable = run_portable(tmp_path, "result = [list(rlt_tokenize(inputs[0], out_dtype=getattr(torch, n))) "
+                                      "for n in inputs[1]]", (video, names))
+    for name, (patches, positions, lengths, cu_seqlens) in zip(names, portable):
+        ours = rlt_tokenize(video, out_dtype=getattr(torch, name))
+        assert ours.patches.shape == patches.shape and patches.shape[0] > 0
+        assert torch.equal(ours.positions, positions) and torch.equal(ours.lengths, lengths)
+        assert torch.equal(ours.cu_seqlens, cu_seqlens)
+        ulp = {"float32": 1e-6, "bfloat16": 2**-7, "float16": 2**-10}[name]
+        torch.testing.assert_close(ours.patches.float(), patches.float(), rtol=ulp, atol=ulp)
 
 
 def test_lengths_are_in_token_order_unlike_the_original_code():
