@@ -11,7 +11,7 @@
 Each variant runs back to back with the all-token forward in each round, so load changes on a shared machine hit
 both; the speed-up is the median of the per-round ratios. Reported: median times, clips/s, peak memory of one
 forward (CUDA: max allocated; CPU: peak RSS growth sampled every millisecond after ``malloc_trim``), tokens kept per
-clip, speed-up, and the target 0.8 / share kept. The machine's limit is torch.mm's GFLOP/s in the same run; the
+clip, speed-up, and the target 0.8 / share kept. The machine's limit is the best matmul GFLOP/s in the same run (torch.mm or oneDNN, see bench.common.matmul_rate); the
 achieved GFLOP/s (counted multiply-adds x 2 of the encoder) stand next to it.
 
     python -m bench.model [--models ViT-S ViT-B FluxViT-S FluxViT-B] [--batch 1] [--repeats 3] [--device cpu|cuda]
@@ -165,7 +165,7 @@ def main() -> None:
     load = os.getloadavg()[0]  # other processes on a shared machine skew CPU timings: say how busy it was
     print(f"batch {batch}: 16x224x224 (ViT, RLT threshold {args.threshold}), {args.flux_frames}x{args.flux_size}x{args.flux_size} "
           f"(FluxViT); {device.type} {dtype}, medians of "
-          f"{args.repeats} interleaved rounds; machine limit: torch.mm {limit['gflop_per_s']:.0f} GFLOP/s; "
+          f"{args.repeats} interleaved rounds; machine limit: {limit['path']} matmul {limit['gflop_per_s']:.0f} GFLOP/s; "
           f"{torch.get_num_threads()} threads, load average {load:.1f} on {os.cpu_count()} CPUs")
     print(markdown_table(headers, rows))
     path = write_json("model", {"batch": batch, "device": device.type, "dtype": str(dtype), "limit": limit,
