@@ -9,6 +9,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "varlen_attention/attention_math.h"
 
@@ -73,6 +74,23 @@ __device__ __forceinline__ void load_tile(T* tile, const T* src, int64_t stride,
   }
 }
 
+// acc += A B for one warp, with A [16, K] and B [K, 16] in shared memory in the given WMMA layouts (row_major:
+// element (r, c) at r * ld + c; col_major: at c * ld + r) and leading dimensions; K is a multiple of 16.
+template <typename T, int K, typename LayoutA, typename LayoutB>
+__device__ __forceinline__ void warp_mma(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>& acc,
+                                         const T* a, int lda, const T* b, int ldb) {
+  using namespace nvcuda;
+  constexpr bool a_rows = std::is_same_v<LayoutA, wmma::row_major>, b_rows = std::is_same_v<LayoutB, wmma::row_major>;
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> fb;
+    wmma::load_matrix_sync(fa, a + kk * 16 * (a_rows ? 1 : lda), lda);
+    wmma::load_matrix_sync(fb, b + kk * 16 * (b_rows ? ldb : 1), ldb);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+}
+
 template <typename T, int D>
 struct ForwardSmem {
   static constexpr int kSld = D > kTileKeys ? D : kTileKeys;  // floats per row of the score / product buffer
@@ -122,14 +140,7 @@ __global__ void __launch_bounds__(kThreads) forward_tc_kernel(ForwardArgs a) {
     for (int nt = 0; nt < kTileKeys / 16; ++nt) {
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
       wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-        wmma::load_matrix_sync(fa, sq + warp * 16 * D + kk * 16, D);
-        wmma::load_matrix_sync(fb, sk + nt * 16 * D + kk * 16, D);
-        wmma::mma_sync(acc, fa, fb, acc);
-      }
+      warp_mma<T, D, wmma::row_major, wmma::col_major>(acc, sq + warp * 16 * D, D, sk + nt * 16 * D, D);
       wmma::store_matrix_sync(sw + nt * 16, acc, L::kSld, wmma::mem_row_major);
     }
     __syncwarp();
@@ -160,14 +171,7 @@ __global__ void __launch_bounds__(kThreads) forward_tc_kernel(ForwardArgs a) {
     for (int nt = 0; nt < D / 16; ++nt) {
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
       wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < kTileKeys / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-        wmma::load_matrix_sync(fa, pw + kk * 16, kTileKeys);
-        wmma::load_matrix_sync(fb, sv + kk * 16 * D + nt * 16, D);
-        wmma::mma_sync(acc, fa, fb, acc);
-      }
+      warp_mma<T, kTileKeys, wmma::row_major, wmma::row_major>(acc, pw, kTileKeys, sv + nt * 16, D);
       wmma::store_matrix_sync(sw + nt * 16, acc, L::kSld, wmma::mem_row_major);
     }
     __syncwarp();
@@ -257,17 +261,8 @@ __global__ void __launch_bounds__(kThreads) backward_tc_kernel(BackwardArgs ba) 
         wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_s, acc_dp;
         wmma::fill_fragment(acc_s, 0.f);
         wmma::fill_fragment(acc_dp, 0.f);
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-          wmma::load_matrix_sync(fa, sk + warp * 16 * D + kk * 16, D);
-          wmma::load_matrix_sync(fb, sq + nt * 16 * D + kk * 16, D);
-          wmma::mma_sync(acc_s, fa, fb, acc_s);
-          wmma::load_matrix_sync(fa, sv + warp * 16 * D + kk * 16, D);
-          wmma::load_matrix_sync(fb, sdo + nt * 16 * D + kk * 16, D);
-          wmma::mma_sync(acc_dp, fa, fb, acc_dp);
-        }
+        warp_mma<T, D, wmma::row_major, wmma::col_major>(acc_s, sk + warp * 16 * D, D, sq + nt * 16 * D, D);
+        warp_mma<T, D, wmma::row_major, wmma::col_major>(acc_dp, sv + warp * 16 * D, D, sdo + nt * 16 * D, D);
         wmma::store_matrix_sync(sw + nt * 16, acc_s, kTileKeys, wmma::mem_row_major);
         wmma::store_matrix_sync(dpw + nt * 16, acc_dp, kTileKeys, wmma::mem_row_major);
       }
@@ -286,14 +281,7 @@ __global__ void __launch_bounds__(kThreads) backward_tc_kernel(BackwardArgs ba) 
       // dV += P^T dO
 #pragma unroll
       for (int nt = 0; nt < D / 16; ++nt) {
-#pragma unroll
-        for (int kk = 0; kk < kTileKeys / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-          wmma::load_matrix_sync(fa, pw + kk * 16, kTileKeys);
-          wmma::load_matrix_sync(fb, sdo + kk * 16 * D + nt * 16, D);
-          wmma::mma_sync(dv[nt], fa, fb, dv[nt]);
-        }
+        warp_mma<T, kTileKeys, wmma::row_major, wmma::row_major>(dv[nt], pw, kTileKeys, sdo + nt * 16, D);
       }
       __syncwarp();
 #pragma unroll 8
@@ -305,14 +293,7 @@ __global__ void __launch_bounds__(kThreads) backward_tc_kernel(BackwardArgs ba) 
       // dK += dS^T Q (scaled at the end)
 #pragma unroll
       for (int nt = 0; nt < D / 16; ++nt) {
-#pragma unroll
-        for (int kk = 0; kk < kTileKeys / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-          wmma::load_matrix_sync(fa, pw + kk * 16, kTileKeys);
-          wmma::load_matrix_sync(fb, sq + kk * 16 * D + nt * 16, D);
-          wmma::mma_sync(dk[nt], fa, fb, dk[nt]);
-        }
+        warp_mma<T, kTileKeys, wmma::row_major, wmma::row_major>(dk[nt], pw, kTileKeys, sq + nt * 16, D);
       }
       __syncthreads();  // dS^T of all 64 keys is in sp; S and dP are no longer read
       // dQ rows (warp's 16 queries) += scale dS K, with dS read as the transpose of dS^T.
@@ -320,14 +301,7 @@ __global__ void __launch_bounds__(kThreads) backward_tc_kernel(BackwardArgs ba) 
       for (int nt = 0; nt < D / 16; ++nt) {
         wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
         wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-        for (int kk = 0; kk < kTileRows / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-          wmma::load_matrix_sync(fa, sp + kk * 16 * kTileKeys + warp * 16, kTileKeys);
-          wmma::load_matrix_sync(fb, sk + kk * 16 * D + nt * 16, D);
-          wmma::mma_sync(acc, fa, fb, acc);
-        }
+        warp_mma<T, kTileRows, wmma::col_major, wmma::row_major>(acc, sp + warp * 16, kTileKeys, sk + nt * 16, D);
         wmma::store_matrix_sync(sprod + warp * 16 * D + nt * 16, acc, D, wmma::mem_row_major);
       }
       __syncwarp();
