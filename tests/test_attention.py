@@ -13,8 +13,9 @@ from tests.conftest import requires_cuda_kernels, requires_vector_kernels, run_p
 
 # Error budgets, relative to the largest magnitude of the reference tensor. float32 accumulates like the reference
 # up to rounding (1e-7 per operation, sums of a few hundred terms). bfloat16 / float16 inputs are exact in the
-# reference too, so the error comes from rounding the output (2^-9 / 2^-12 relative) and, in the backward pass,
-# from rounding the gradients once more; float64 inputs run the kernel in float64.
+# reference too, so the error comes from rounding the output (2^-9 / 2^-12 relative), from rounding P to the input
+# type for P V where 16-bit tiles run on brgemm, and, in the backward pass, from rounding the gradients once more;
+# float64 inputs run the kernel in float64.
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float64: 1e-12}
 
 
@@ -191,24 +192,30 @@ def opcheck_samples():
 
 @requires_vector_kernels
 def test_vector_kernels_match_the_portable_kernels(tmp_path):
-    """float32 tiles run on oneDNN's brgemm micro-kernel (with transposed operand copies) where it works, and on
-    BLAS sgemm in the portable build: forward and gradients must agree to float32 rounding."""
+    """float32 tiles run on oneDNN's brgemm micro-kernel (with transposed operand copies) where it works, and
+    bfloat16 tiles on its 16-bit micro-kernel (VNNI-packed operands, P rounded to bfloat16) where the CPU has one;
+    the portable build widens to float32 and calls BLAS sgemm. Forward and gradients must agree to the input
+    type's rounding."""
     lengths = [37, 0, 130, 1, 64]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    q, k, v, grad = (torch.randn(sum(lengths), 4, 32) for _ in range(4))
+    cases = [[torch.randn(sum(lengths), 4, 32, dtype=dtype) for _ in range(4)] for dtype in (torch.float32, torch.bfloat16)]
     code = (
-        "q, k, v, grad, cu = inputs\n"
-        "leaves = [t.clone().requires_grad_() for t in (q, k, v)]\n"
-        "out = varlen_attention(*leaves, cu, cu, 130, 130, causal=True)\n"
-        "out.backward(grad)\n"
-        "result = [out.detach()] + [t.grad for t in leaves]"
+        "result = []\n"
+        "for q, k, v, grad in inputs[0]:\n"
+        "    leaves = [t.clone().requires_grad_() for t in (q, k, v)]\n"
+        "    out = varlen_attention(*leaves, inputs[1], inputs[1], 130, 130, causal=True)\n"
+        "    out.backward(grad)\n"
+        "    result.append([out.detach()] + [t.grad for t in leaves])"
     )
-    portable = run_portable(tmp_path, code, (q, k, v, grad, cu))
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = varlen_attention(*leaves, cu, cu, 130, 130, causal=True)
-    out.backward(grad)
-    for ours, expected in zip([out.detach()] + [t.grad for t in leaves], portable):
-        torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    portable = run_portable(tmp_path, code, (cases, cu))
+    for (q, k, v, grad), expected in zip(cases, portable):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = varlen_attention(*leaves, cu, cu, 130, 130, causal=True)
+        out.backward(grad)
+        for ours, theirs in zip([out.detach()] + [t.grad for t in leaves], expected):
+            assert ours.dtype == q.dtype
+            assert_close(ours, theirs.double(), q.dtype, "vector vs portable")
+
 
 
 @pytest.mark.parametrize("case", range(3))

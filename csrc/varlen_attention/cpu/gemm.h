@@ -10,6 +10,10 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -62,6 +66,25 @@ inline bool float_brgemm_works() {
   return works;
 }
 
+// Whether torch's brgemm multiplies 16-bit tiles (bfloat16 or half, B in the VNNI-2 layout of pack_vnni) into
+// float32 here: oneDNN has such micro-kernels only on CPUs with the matching dot-product instructions (AVX512-BF16,
+// AMX, AVX512-FP16); elsewhere it throws, or would be slow, so the kernels then widen tiles to float32.
+template <typename T>
+bool half_brgemm_works() {
+  static const bool works = [] {
+    try {
+      const T a[2] = {T(2.0f), T(3.0f)}, b_vnni[2] = {T(5.0f), T(7.0f)};  // A [1, 2], B [2, 1]
+      float c = 1.0f;
+      at::native::cpublas::brgemm(1, 1, 2, 2, 1, 1, true, a, b_vnni, &c, true);
+      at::native::cpublas::brgemm_release(true);
+      return c == 32.0f;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return works;
+}
+
 namespace CPU_CAPABILITY {
 
 // dst[j * ld_dst + i] = scale * src[i * ld_src + j] for i < rows, j < cols (an optionally scaled transpose, or copy
@@ -90,6 +113,45 @@ void copy_scaled(bool transpose, int64_t rows, int64_t cols, T scale, const T* s
         for (int j = 0; j < bj; ++j) {
           at::vec::map([scale](Vec x) { return x * Vec(scale); }, out + j * ld_dst, out + j * ld_dst, bi);
         }
+      }
+    }
+  }
+}
+
+// B [k, n] (trans_b: stored as its transpose [n, k]) in the VNNI-2 layout of 16-bit brgemm, where each pair of
+// consecutive k sits together: out[((kk / 2) * n + j) * 2 + kk % 2] = B[kk, j], an odd k padded with a zero row.
+template <typename T>
+void pack_vnni(bool trans_b, int64_t k, int64_t n, const T* b, int64_t ldb, T* out) {
+  static_assert(sizeof(T) == 2);
+  const int64_t pairs = (k + 1) / 2;
+  if (trans_b && k % 2 == 0 && ldb % 2 == 0 && reinterpret_cast<uintptr_t>(b) % 4 == 0) {
+    // Each pair is 4 contiguous bytes of a stored row: the packing is a transpose of 32-bit units, which the
+    // float transpose moves bit for bit (scale 1 multiplies nothing).
+    copy_scaled<float>(true, n, pairs, 1.0f, reinterpret_cast<const float*>(b), ldb / 2, reinterpret_cast<float*>(out),
+                       n);
+    return;
+  }
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    T* o = out + pair * n * 2;
+    int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+    if (!trans_b && 2 * pair + 1 < k) {
+      // Interleave rows 2 pair and 2 pair + 1: unpack works within 128-bit lanes, the permutes restore the order.
+      const T* r0 = b + 2 * pair * ldb;
+      const T* r1 = r0 + ldb;
+      const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+      for (; j + 32 <= n; j += 32) {
+        const __m512i x = _mm512_loadu_si512(r0 + j), y = _mm512_loadu_si512(r1 + j);
+        const __m512i lo = _mm512_unpacklo_epi16(x, y), hi = _mm512_unpackhi_epi16(x, y);
+        _mm512_storeu_si512(o + 2 * j, _mm512_permutex2var_epi64(lo, first, hi));
+        _mm512_storeu_si512(o + 2 * j + 32, _mm512_permutex2var_epi64(lo, second, hi));
+      }
+    }
+#endif
+    for (; j < n; ++j) {
+      for (int half = 0; half < 2; ++half) {
+        const int64_t kk = 2 * pair + half;
+        o[2 * j + half] = kk < k ? (trans_b ? b[j * ldb + kk] : b[kk * ldb + j]) : T(0.0f);
       }
     }
   }
