@@ -305,8 +305,9 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
 
   const bool half_tiles = use_half_tiles<scalar_t>(d);
   parallel_dynamic(int64_t(tasks.size()), [&](auto next) {
-    std::vector<scalar_t> pack(half_tiles ? kBlockK * d : 0);
-    std::vector<acc_t> q_buf(kBlockQ * d), do_buf(kBlockQ * d), k_buf(kBlockK * d), v_buf(kBlockK * d);
+    const int64_t wide = half_tiles ? 0 : 1, half = 1 - wide;  // which buffers this path uses
+    std::vector<scalar_t> pack(half * kBlockK * d), dprobs16(half * kBlockQ * kBlockK);
+    std::vector<acc_t> q_buf(kBlockQ * d), do_buf(kBlockQ * d), k_buf(wide * kBlockK * d), v_buf(wide * kBlockK * d);
     std::vector<acc_t> probs(kBlockQ * kBlockK), dprobs(kBlockQ * kBlockK), dq_acc(kBlockQ * d);
     std::vector<acc_t> shift(kBlockQ), delta(kBlockQ), dk_acc(longest_k * d), dv_acc(longest_k * d);
     for (int64_t t = next(); t >= 0; t = next()) {
@@ -321,7 +322,8 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
           const scalar_t* q_rows = q_ptr + token0 * qs0 + h * qs1;
           const HalfTile<scalar_t> q16{half_tiles ? q_rows : nullptr, qs0};
           const Tile<acc_t> qt = load_tile(q_rows, qs0, rows, d, q_buf.data());
-          const Tile<acc_t> dot = load_tile(do_ptr + token0 * dos0 + h * dos1, dos0, rows, d, do_buf.data());
+          const scalar_t* do_rows = do_ptr + token0 * dos0 + h * dos1;
+          const Tile<acc_t> dot = load_tile(do_rows, dos0, rows, d, do_buf.data());
           // delta_i = sum_c dO_ic O_ic - dlse_i: the softmax backward's row term (lse's own gradient enters here).
           for (int64_t r = 0; r < rows; ++r) {
             const scalar_t* o_row = o_ptr + (token0 + r) * os0 + h * os1;
@@ -338,25 +340,54 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
           for (int64_t kb = 0; kb < keys; kb += kBlockK) {
             const int64_t n = std::min(kBlockK, keys - kb);
             const scalar_t* k_rows = k_ptr + (s.k0 + kb) * ks0 + hk * ks1;
+            const scalar_t* v_rows = v_ptr + (s.k0 + kb) * vs0 + hk * vs1;
             const HalfTile<scalar_t> k16{half_tiles ? k_rows : nullptr, ks0};
-            const Tile<acc_t> kt = load_tile(k_rows, ks0, n, d, k_buf.data());
-            const Tile<acc_t> vt = load_tile(v_ptr + (s.k0 + kb) * vs0 + hk * vs1, vs0, n, d, v_buf.data());
+            const Tile<acc_t> kt = half_tiles ? Tile<acc_t>{} : load_tile(k_rows, ks0, n, d, k_buf.data());
+            const Tile<acc_t> vt = half_tiles ? Tile<acc_t>{} : load_tile(v_rows, vs0, n, d, v_buf.data());
+            const int64_t n_even = n + n % 2;
             // The forward's scores to the last bit, so P matches the forward's lse.
             score_tile(p, s, i0, kb, rows, n, d, scale, qt, kt, q16, k16, pack.data(), probs.data(),
                        [&](int64_t r, acc_t* row, int64_t valid) { exp_and_sum(row, valid, shift[r]); });
-            // dV += P^T dO, dP = dO V^T, dS = P * (dP - delta), dQ += scale dS K, dK += scale dS^T Q.
+            // dV += P^T dO, dP = dO V^T, dS = scale P * (dP - delta), dQ += dS K, dK += dS^T Q. With 16-bit tiles
+            // dP and dQ run on 16-bit brgemm (dS rounded to scalar_t for dQ); dV and dK, whose left operands are
+            // transposed, on float32.
             gemm(true, false, n, d, rows, acc_t(1), probs.data(), kBlockK, dot.data, dot.ld, acc_t(1),
                  dv_acc.data() + kb * d, d);
-            gemm(false, true, rows, n, d, acc_t(1), dot.data, dot.ld, vt.data, vt.ld, acc_t(0), dprobs.data(), kBlockK);
+            if constexpr (sizeof(scalar_t) == 2) {
+              if (half_tiles) {
+                pack_vnni(true, d, n, v_rows, vs0, pack.data());
+                at::native::cpublas::brgemm(rows, n, d, dos0, n, kBlockK, false, do_rows, pack.data(), dprobs.data(),
+                                            true);
+              }
+            }
+            if (!half_tiles) {
+              gemm(false, true, rows, n, d, acc_t(1), dot.data, dot.ld, vt.data, vt.ld, acc_t(0), dprobs.data(),
+                   kBlockK);
+            }
             for (int64_t r = 0; r < rows; ++r) {
               const acc_t* pr = probs.data() + r * kBlockK;
               acc_t* ds = dprobs.data() + r * kBlockK;
               const acc_t dr = delta[r];
 #pragma omp simd
-              for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] * (ds[j] - dr);
+              for (int64_t j = 0; j < n; ++j) ds[j] = scale * pr[j] * (ds[j] - dr);
+              if (half_tiles) {
+                scalar_t* ds16 = dprobs16.data() + r * kBlockK;
+                at::vec::convert(ds, ds16, n);
+                if (n_even > n) ds16[n] = scalar_t(0.0f);
+              }
             }
-            gemm(false, false, rows, d, n, scale, dprobs.data(), kBlockK, kt.data, kt.ld, acc_t(1), dq_acc.data(), d);
-            gemm(true, false, n, d, rows, scale, dprobs.data(), kBlockK, qt.data, qt.ld, acc_t(1),
+            if constexpr (sizeof(scalar_t) == 2) {
+              if (half_tiles) {
+                pack_vnni(false, n, d, k_rows, ks0, pack.data());
+                at::native::cpublas::brgemm(rows, d, n_even, kBlockK, d, d, true, dprobs16.data(), pack.data(),
+                                            dq_acc.data(), true);
+              }
+            }
+            if (!half_tiles) {
+              gemm(false, false, rows, d, n, acc_t(1), dprobs.data(), kBlockK, kt.data, kt.ld, acc_t(1), dq_acc.data(),
+                   d);
+            }
+            gemm(true, false, n, d, rows, acc_t(1), dprobs.data(), kBlockK, qt.data, qt.ld, acc_t(1),
                  dk_acc.data() + kb * d, d);
           }
           for (int64_t r = 0; r < rows; ++r) {
