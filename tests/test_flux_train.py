@@ -47,6 +47,13 @@ def test_flux_finetune(video_list, tmp_path):  # noqa: F811
     model = create_model("fluxvit_small_patch14", pretrained=str(tmp_path / "checkpoint.pth"), **TINY_FLUX)
     saved = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"]
     assert torch.equal(model.head[2].weight, saved["backbone.head.2.weight"])
+    # ... and evaluates at a chosen clip shape and budget.
+    train_main(["eval", "--list", str(video_list), "--checkpoint", str(tmp_path / "checkpoint.pth"), "--stride", "1",
+                "--num-clips", "2", "--num-crops", "1", "--frames", "4", "--size", "84", "--budget", "40", "--quiet",
+                "--out", str(tmp_path), "--model", "fluxvit_small_patch14", "--model-kwargs", json.dumps(TINY_FLUX)])
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["videos"] == 8 and result["views"] == 2 and (result["frames"], result["size"]) == (4, 84)
+    assert result["budget"] == 40 and 0 <= result["top1"] <= result["top5"] == 1.0  # 4 classes: top 5 hold the label
 
 
 def test_flux_distill(video_list, tmp_path):  # noqa: F811

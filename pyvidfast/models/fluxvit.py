@@ -294,6 +294,7 @@ class FluxViT(nn.Module):
         super().__init__()
         self.embed_dim, self.num_classes = embed_dim, num_classes
         self.patch_size, self.tubelet_size = patch_size, tubelet_size
+        self.img_size, self.num_frames = img_size, num_frames  # the native clip shape (and eval's default)
         self.pos_grid = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
         self.patch_embed = PatchEmbed(embed_dim, patch_size, tubelet_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))

@@ -104,7 +104,11 @@ def main(argv=None) -> None:
     evaluate.add_argument("--num-clips", type=int, default=5, help="temporal clips per video")
     evaluate.add_argument("--num-crops", type=int, default=3, help="spatial crops per clip")
     evaluate.add_argument("--short-side", type=int, default=None, help="resize the short side to this (default: crop)")
-    evaluate.add_argument("--rlt", action="store_true", help="evaluate on RLT-packed tokens")
+    evaluate.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")
+    evaluate.add_argument("--size", type=int, default=None, help="crop side (default: the model's image size)")
+    evaluate.add_argument("--rlt", action="store_true", help="evaluate on RLT-packed tokens (VideoMAE models)")
+    evaluate.add_argument("--budget", type=int, default=None,
+                          help="FluxViT models: tokens kept per clip, chosen by group_topk (default: all)")
     evaluate.add_argument("--out", default="", help="folder for eval.json")
 
     args = parser.parse_args(argv)

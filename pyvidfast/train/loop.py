@@ -22,6 +22,7 @@ from tqdm import tqdm
 from pyvidfast.flux import DoubleMaskSettings, FlexiSampling
 from pyvidfast.masking import dual_masks
 from pyvidfast.models import create_model
+from pyvidfast.models.fluxvit import FluxViT
 from pyvidfast.models.videomae import normalize_video, pretrain_loss
 from pyvidfast.train.data import SLOTS, ClipSpec, FlexiVideoList, StepSampler, VideoList, collate
 from pyvidfast.train.flux import FluxObjective, VideoMAETeacher
@@ -324,7 +325,12 @@ def evaluate(args) -> dict:
     if args.checkpoint:
         model.load_checkpoint(args.checkpoint)
     model.to(ctx.device).eval()
-    spec = ClipSpec(model.num_frames, args.stride, model.img_size, args.short_side)
+    flux = isinstance(model, FluxViT)
+    if flux and args.rlt:
+        raise ValueError("--rlt: FluxViT keeps tokens with --budget (group_topk); RLT packing does not apply")
+    if not flux and args.budget is not None:
+        raise ValueError(f"--budget: only FluxViT models keep a token budget; {args.model} is not one")
+    spec = ClipSpec(args.frames or model.num_frames, args.stride, args.size or model.img_size, args.short_side)
     dataset = VideoList(args.list, spec)
     mine = range(ctx.rank, len(dataset), ctx.world)
     autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext())
@@ -333,7 +339,10 @@ def evaluate(args) -> dict:
     for index in tqdm(mine, disable=not ctx.main or args.quiet, desc="eval", unit="video"):
         views = dataset.views(index, args.num_clips, args.num_crops).to(ctx.device)
         with autocast:
-            logits = model(model.tokenize(views) if args.rlt else normalize_video(views))
+            if flux:
+                logits = model(normalize_video(views), budget=args.budget)
+            else:
+                logits = model(model.tokenize(views) if args.rlt else normalize_video(views))
         probs = logits.float().softmax(-1).mean(0)
         label = dataset.entries[index][1]
         top = probs.topk(min(5, probs.numel())).indices.tolist()
@@ -341,7 +350,8 @@ def evaluate(args) -> dict:
         predictions.append({"index": index, "label": label, "top5": top})
     counts = ctx.sum(counts.to(torch.float64)).cpu()
     result = {"videos": int(counts[0]), "top1": float(counts[1] / counts[0]), "top5": float(counts[2] / counts[0]),
-              "views": args.num_clips * args.num_crops, "rlt": bool(args.rlt)}
+              "views": args.num_clips * args.num_crops, "frames": spec.frames, "size": spec.size,
+              "rlt": bool(args.rlt), "budget": args.budget}
     if ctx.main:
         print(json.dumps(result))
         if args.out:
