@@ -30,19 +30,22 @@ has_vector_kernels = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512
 requires_vector_kernels = pytest.mark.skipif(not has_vector_kernels, reason="needs AVX2 (x86 vector kernels)")
 
 
-def run_portable(tmp_path, code, inputs):
-    """Runs `code` in a fresh process where ATEN_CPU_CAPABILITY=default selects the portable CPU kernels (no AVX2
-    paths, no oneDNN micro-kernels); the code reads `inputs` (saved with torch.save) and sets `result`, which is
-    returned. Tests compare it with the same computation in this process, which uses the vector kernels."""
+def run_portable(tmp_path, code, inputs, capability="default"):
+    """Runs `code` in a fresh process where ATEN_CPU_CAPABILITY=`capability` selects other CPU kernels (default:
+    the portable ones, no vector paths and no oneDNN micro-kernels; avx2: the AVX2 ones); the code reads `inputs`
+    (saved with torch.save) and sets `result`, which is returned. Tests compare it with the same computation in this
+    process, which uses the widest vector kernels."""
+    tmp_path = tmp_path / capability
+    tmp_path.mkdir(exist_ok=True)
     torch.save(inputs, tmp_path / "inputs.pt")
     script = (
         "import torch, pyvidfast\n"
         "from pyvidfast.ops import *\n"
-        "assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT'\n"
+        f"assert torch.backends.cpu.get_cpu_capability() == {capability.upper()!r}\n"
         f"inputs = torch.load(r'{tmp_path / 'inputs.pt'}')\n"
         f"{code}\n"
         f"torch.save(result, r'{tmp_path / 'result.pt'}')\n"
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
     return torch.load(tmp_path / "result.pt")

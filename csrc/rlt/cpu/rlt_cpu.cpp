@@ -25,14 +25,20 @@ namespace {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define VIDFAST_RLT_X86 1
 #define VIDFAST_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define VIDFAST_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,fma,f16c")))
 
-// The explicit AVX2 loops below run where ATen would pick AVX2 or AVX-512 (so ATEN_CPU_CAPABILITY=default
-// selects the portable loops, which the tests compare against).
+// The explicit vector loops below run where ATen would pick AVX2 or AVX-512 (so ATEN_CPU_CAPABILITY=default
+// selects the portable loops and =avx2 the AVX2 ones, which the tests compare against); the AVX-512 ones also
+// need VBMI's byte permutes.
 bool cpu_has_avx2() {
   static const bool has = [] {
     const std::string capability = at::get_cpu_capability();
     return capability == "AVX2" || capability == "AVX512";
   }();
+  return has;
+}
+bool cpu_has_avx512() {
+  static const bool has = at::get_cpu_capability() == "AVX512" && __builtin_cpu_supports("avx512vbmi");
   return has;
 }
 #endif
@@ -73,6 +79,29 @@ VIDFAST_AVX2 void column_sums_avx2(const uint8_t* later, const uint8_t* earlier,
   }
   if (i < row_len) column_sums(later + i, earlier + i, row_stride, rows, row_len - i, acc + i);
 }
+
+// The same 64 columns at a time.
+VIDFAST_AVX512 void column_sums_avx512(const uint8_t* later, const uint8_t* earlier, int64_t row_stride,
+                                       int64_t rows, int64_t row_len, uint16_t* acc) {
+  const __m512i zero = _mm512_setzero_si512();
+  // unpack works within 128-bit lanes: lo holds bytes 0-7, 16-23, 32-39, 48-55 and hi the 8 after each; these
+  // 64-bit lane indices put them back in order.
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  int64_t i = 0;
+  for (; i + 64 <= row_len; i += 64) {
+    __m512i lo = zero, hi = zero;
+    for (int64_t y = 0; y < rows; ++y) {
+      const __m512i a = _mm512_loadu_si512(later + y * row_stride + i);
+      const __m512i b = _mm512_loadu_si512(earlier + y * row_stride + i);
+      const __m512i diff = _mm512_sub_epi8(_mm512_max_epu8(a, b), _mm512_min_epu8(a, b));
+      lo = _mm512_add_epi16(lo, _mm512_unpacklo_epi8(diff, zero));
+      hi = _mm512_add_epi16(hi, _mm512_unpackhi_epi8(diff, zero));
+    }
+    _mm512_storeu_si512(acc + i, _mm512_permutex2var_epi64(lo, first, hi));
+    _mm512_storeu_si512(acc + i + 32, _mm512_permutex2var_epi64(lo, second, hi));
+  }
+  if (i < row_len) column_sums_avx2(later + i, earlier + i, row_stride, rows, row_len - i, acc + i);
+}
 #endif
 
 // keep[b, t', h', w'] for one row (b, t', h') of tokens, from uint8 [B, T, H, W, 3].
@@ -85,7 +114,9 @@ void keep_row_uint8(const Params& p, const uint8_t* video, int64_t b, int64_t t,
   const uint8_t* earlier = video + g.thwc(b, g.earlier_frame(t), h * g.patch, 0);
 #if defined(VIDFAST_RLT_X86)
   if constexpr (std::is_same_v<acc_t, uint16_t>) {
-    if (cpu_has_avx2()) {
+    if (cpu_has_avx512()) {
+      column_sums_avx512(later, earlier, g.width * 3, g.patch, g.width * 3, acc.data());
+    } else if (cpu_has_avx2()) {
       column_sums_avx2(later, earlier, g.width * 3, g.patch, g.width * 3, acc.data());
     } else {
       column_sums(later, earlier, g.width * 3, g.patch, g.width * 3, acc.data());
@@ -318,17 +349,75 @@ VIDFAST_AVX2 void gather_token_uint8_p16_avx2(const Grid& g, const uint8_t* __re
   }
 }
 
-// Runs gather_rows with the AVX2 token gather where out_t is one it writes; false where it is not.
+// 16 floats -> out_t at a 64-byte (float32) or 32-byte aligned dst, streamed as stream16 does.
+template <typename out_t>
+VIDFAST_AVX512 inline void stream16_avx512(out_t* dst, __m512 x) {
+  if constexpr (std::is_same_v<out_t, float>) {
+    _mm512_stream_ps(dst, x);
+  } else if constexpr (std::is_same_v<out_t, c10::BFloat16>) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(rounded));
+  } else {
+    static_assert(std::is_same_v<out_t, c10::Half>);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+  }
+}
+
+// Byte i of a permuted patch row is byte 3 (i % 16) + i / 16 of the interleaved one: R, G, B in 16-byte lanes.
+struct PlanarOrder {
+  alignas(64) uint8_t index[64];
+  constexpr PlanarOrder() : index() {
+    for (int i = 0; i < 48; ++i) index[i] = uint8_t(3 * (i % 16) + i / 16);
+  }
+};
+constexpr PlanarOrder kPlanarOrder;
+
+// gather_token_uint8_p16_avx2 with AVX-512: one masked 48-byte load and one byte permute split a patch row into
+// its R, G and B bytes, and each channel's 16 values are one register.
+template <typename out_t>
+VIDFAST_AVX512 void gather_token_uint8_p16_avx512(const Grid& g, const uint8_t* __restrict video,
+                                                  const U8Normalizer<float>& norm, int64_t b, int64_t t, int64_t h,
+                                                  int64_t w, out_t* __restrict out) {
+  constexpr int64_t kPatch = 16, kPP = kPatch * kPatch;
+  const int64_t channel_stride = g.tubelet * kPP, row_stride = g.width * 3;
+  const __m512i order = _mm512_load_si512(kPlanarOrder.index);
+  const __m512 s0 = _mm512_set1_ps(norm.scale[0]), s1 = _mm512_set1_ps(norm.scale[1]), s2 = _mm512_set1_ps(norm.scale[2]);
+  const __m512 b0 = _mm512_set1_ps(norm.bias[0]), b1 = _mm512_set1_ps(norm.bias[1]), b2 = _mm512_set1_ps(norm.bias[2]);
+  for (int64_t dt = 0; dt < g.tubelet; ++dt) {
+    const uint8_t* src = video + g.thwc(b, t * g.tubelet + dt, h * kPatch, w * kPatch);
+    out_t* dst = out + dt * kPP;
+    for (int64_t ph = 0; ph < kPatch; ++ph, src += row_stride, dst += kPatch) {
+      const __m512i planar = _mm512_permutexvar_epi8(order, _mm512_maskz_loadu_epi8((1ull << 48) - 1, src));
+      const __m512 r = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_castsi512_si128(planar)));
+      const __m512 gr = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(planar, 1)));
+      const __m512 bl = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(planar, 2)));
+      stream16_avx512<out_t>(dst, _mm512_fmadd_ps(r, s0, b0));
+      stream16_avx512<out_t>(dst + channel_stride, _mm512_fmadd_ps(gr, s1, b1));
+      stream16_avx512<out_t>(dst + 2 * channel_stride, _mm512_fmadd_ps(bl, s2, b2));
+    }
+  }
+}
+
+// Runs gather_rows with the widest vector token gather where out_t is one it writes; false where it is not.
 template <typename out_t, typename GatherRows>
-bool gather_uint8_p16_avx2(const Grid& g, const uint8_t* video, const Params& p, out_t* out, GatherRows& gather_rows) {
+bool gather_uint8_p16_vector(const Grid& g, const uint8_t* video, const Params& p, out_t* out,
+                             GatherRows& gather_rows) {
   if constexpr (std::is_same_v<out_t, double>) {
     return false;
   } else {
     TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(out) % 64 == 0, "rlt_tokenize: unaligned output");
     const U8Normalizer<float> norm(p.mean, p.std);
-    gather_rows([&](int64_t b, int64_t t, int64_t h, int64_t w,
-                    out_t* dst) { gather_token_uint8_p16_avx2<out_t>(g, video, norm, b, t, h, w, dst); },
-                out);
+    if (cpu_has_avx512()) {
+      gather_rows([&](int64_t b, int64_t t, int64_t h, int64_t w, out_t* dst) {
+        gather_token_uint8_p16_avx512<out_t>(g, video, norm, b, t, h, w, dst);
+      }, out);
+    } else {
+      gather_rows([&](int64_t b, int64_t t, int64_t h, int64_t w, out_t* dst) {
+        gather_token_uint8_p16_avx2<out_t>(g, video, norm, b, t, h, w, dst);
+      }, out);
+    }
     return true;
   }
 }
@@ -423,7 +512,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rlt_tokenize_cpu(
         const uint8_t* data = video.data_ptr<uint8_t>();
         const U8Normalizer<acc_type<out_t, uint8_t>> norm(p.mean, p.std);
 #if defined(VIDFAST_RLT_X86)
-        if (kPatch == 16 && cpu_has_avx2() && gather_uint8_p16_avx2(g, data, p, out, gather_rows)) return;
+        if (kPatch == 16 && cpu_has_avx2() && gather_uint8_p16_vector(g, data, p, out, gather_rows)) return;
 #endif
         gather_rows([&](int64_t b, int64_t t, int64_t h, int64_t w,
                         out_t* dst) { gather_token_uint8<kPatch, out_t>(g, data, norm, b, t, h, w, dst); },
