@@ -102,6 +102,36 @@ VIDFAST_AVX512 void column_sums_avx512(const uint8_t* later, const uint8_t* earl
   }
   if (i < row_len) column_sums_avx2(later + i, earlier + i, row_stride, rows, row_len - i, acc + i);
 }
+
+// 0/1 weights that pick channel c out of 16 of a 16-pixel patch's 48 interleaved column sums, chunk k.
+struct ChannelPicks {
+  alignas(32) int16_t w[3][3][16];
+  constexpr ChannelPicks() : w() {
+    for (int k = 0; k < 3; ++k)
+      for (int c = 0; c < 3; ++c)
+        for (int i = 0; i < 16; ++i) w[k][c][i] = int16_t((16 * k + i) % 3 == c);
+  }
+};
+constexpr ChannelPicks kChannelPicks;
+
+// Per-channel sums of a 16-pixel patch's 48 uint16 column sums (each at most 16 * 255, so signed 16-bit
+// multiply-adds are exact): 9 multiply-adds instead of 48 scalar adds.
+VIDFAST_AVX2 void patch16_channel_sums(const uint16_t* a, int64_t sums[3]) {
+  __m256i acc[3] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int k = 0; k < 3; ++k) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16 * k));
+    for (int c = 0; c < 3; ++c) {
+      const __m256i pick = _mm256_load_si256(reinterpret_cast<const __m256i*>(kChannelPicks.w[k][c]));
+      acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(v, pick));
+    }
+  }
+  for (int c = 0; c < 3; ++c) {
+    __m128i x = _mm_add_epi32(_mm256_castsi256_si128(acc[c]), _mm256_extracti128_si256(acc[c], 1));
+    x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0x4E));
+    x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0xB1));
+    sums[c] = _mm_cvtsi128_si32(x);
+  }
+}
 #endif
 
 // keep[b, t', h', w'] for one row (b, t', h') of tokens, from uint8 [B, T, H, W, 3].
@@ -129,6 +159,15 @@ void keep_row_uint8(const Params& p, const uint8_t* video, int64_t b, int64_t t,
   for (int64_t w = 0; w < g.wp; ++w) {
     int64_t sums[3] = {0, 0, 0};
     const acc_t* a = acc.data() + w * g.patch * 3;
+#if defined(VIDFAST_RLT_X86)
+    if constexpr (std::is_same_v<acc_t, uint16_t>) {
+      if (g.patch == 16 && cpu_has_avx2()) {
+        patch16_channel_sums(a, sums);
+        keep[w] = keep_token(t, distance_from_u8_sums(sums, p.inv_std, g.patch), p.threshold);
+        continue;
+      }
+    }
+#endif
     for (int64_t x = 0; x < g.patch; ++x) {
       sums[0] += a[3 * x];
       sums[1] += a[3 * x + 1];
