@@ -49,34 +49,19 @@ class SingleThreadedBlas {
   int saved_ = 0;
 };
 
-// Whether torch's brgemm runs float32 here: oneDNN builds it on first use and throws where the CPU (or the build)
-// has no micro-kernel for it, so one tiny call, checked against its answer, decides for the process.
-inline bool float_brgemm_works() {
-  static const bool works = [] {
-    try {
-      const float a[2] = {2.0f, 3.0f}, b[2] = {5.0f, 7.0f};
-      float c = 1.0f;
-      at::native::cpublas::brgemm(1, 1, 2, 2, 1, 1, true, a, b, &c, false);
-      at::native::cpublas::brgemm_release(false);
-      return c == 32.0f;
-    } catch (...) {
-      return false;
-    }
-  }();
-  return works;
-}
-
-// Whether torch's brgemm multiplies 16-bit tiles (bfloat16 or half, B in the VNNI-2 layout of pack_vnni) into
-// float32 here: oneDNN has such micro-kernels only on CPUs with the matching dot-product instructions (AVX512-BF16,
-// AMX, AVX512-FP16); elsewhere it throws, or would be slow, so the kernels then widen tiles to float32.
+// Whether torch's brgemm runs T x T -> float32 here: oneDNN builds its micro-kernels on first use and throws where
+// the CPU (or the build) has none for T, so one tiny call, checked against its answer, decides for the process.
+// 16-bit T (B in the VNNI-2 layout of pack_vnni) needs the matching dot-product instructions (AVX512-BF16, AMX,
+// AVX512-FP16); without them the kernels widen tiles to float32.
 template <typename T>
-bool half_brgemm_works() {
+bool brgemm_works() {
   static const bool works = [] {
     try {
-      const T a[2] = {T(2.0f), T(3.0f)}, b_vnni[2] = {T(5.0f), T(7.0f)};  // A [1, 2], B [2, 1]
+      // A [1, 2] times B [2, 1]: for one column the VNNI-2 layout is the plain one.
+      const T a[2] = {T(2.0f), T(3.0f)}, b[2] = {T(5.0f), T(7.0f)};
       float c = 1.0f;
-      at::native::cpublas::brgemm(1, 1, 2, 2, 1, 1, true, a, b_vnni, &c, true);
-      at::native::cpublas::brgemm_release(true);
+      at::native::cpublas::brgemm(1, 1, 2, 2, 1, 1, true, a, b, &c, sizeof(T) == 2);
+      at::native::cpublas::brgemm_release(sizeof(T) == 2);
       return c == 32.0f;
     } catch (...) {
       return false;
@@ -157,6 +142,15 @@ void pack_vnni(bool trans_b, int64_t k, int64_t n, const T* b, int64_t ldb, T* o
   }
 }
 
+// C[m, n] (+)= A op(B) for 16-bit A [m, k] (row stride lda; for an odd k the caller provides a zero column k)
+// and B [k, n] (trans_b: stored as [n, k]), which is packed into `pack` first; C float32.
+template <typename T>
+void gemm_half(bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+               T* pack, bool accumulate, float* c, int64_t ldc) {
+  pack_vnni(trans_b, k, n, b, ldb, pack);
+  at::native::cpublas::brgemm(m, n, k + k % 2, lda, n, ldc, accumulate, a, pack, c, true);
+}
+
 // Per-thread buffers for operands that brgemm needs transposed or scaled (it computes C (+)= A B, row-major).
 template <typename T>
 T* scratch(int which, int64_t size) {
@@ -174,7 +168,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   constexpr bool is_float = std::is_same_v<T, float>;
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   if constexpr (is_float) {
-    if (float_brgemm_works() && k > 0) {
+    if (brgemm_works<float>() && k > 0) {
       // alpha goes into an operand that is copied anyway, else into a copy of the smaller one.
       const bool copy_a = trans_a || (alpha != T(1) && !trans_b && m * k <= k * n);
       const bool copy_b = trans_b || (alpha != T(1) && !copy_a);

@@ -120,7 +120,7 @@ template <typename scalar_t>
 bool use_half_tiles(int64_t d) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>) {
-    return d % 2 == 0 && half_brgemm_works<scalar_t>();
+    return d % 2 == 0 && brgemm_works<scalar_t>();
   }
 #endif
   return false;
@@ -132,6 +132,14 @@ struct HalfTile {
   const scalar_t* data;
   int64_t ld;
 };
+
+// Row r of a 16-bit operand from float32 values: n of them, and a zero after an odd n (16-bit products take the
+// inner dimension in pairs).
+template <typename acc_t, typename scalar_t>
+void to_half_row(const acc_t* row, int64_t n, scalar_t* out) {
+  at::vec::convert(row, out, n);
+  if (n % 2) out[n] = scalar_t(0.0f);
+}
 
 struct SeqBounds {
   int64_t q0, lq, k0, lk;
@@ -153,8 +161,7 @@ void score_tile(const Params& p, const SeqBounds& s, int64_t i0, int64_t kb, int
   bool scaled = true;
   if constexpr (sizeof(scalar_t) == 2) {
     if (q16.data != nullptr) {
-      pack_vnni(true, d, n, k16.data, k16.ld, pack);
-      at::native::cpublas::brgemm(rows, n, d, q16.ld, n, kBlockK, false, q16.data, pack, scores, true);
+      gemm_half(true, rows, n, d, q16.data, q16.ld, k16.data, k16.ld, pack, false, scores, kBlockK);
       scaled = false;
     }
   }
@@ -200,7 +207,7 @@ void forward_typed(const Params& p, const at::Tensor& q, const at::Tensor& k, co
     const int64_t wide = half_tiles ? 0 : 1, half = 1 - wide;  // which buffers this path uses
     std::vector<acc_t> q_buf(wide * kBlockQ * d), k_buf(wide * kBlockK * d), v_buf(wide * kBlockK * d);
     std::vector<acc_t> probs(kBlockQ * kBlockK), acc(kBlockQ * d), row_max(kBlockQ), row_sum(kBlockQ);
-    std::vector<scalar_t> probs16(half * kBlockQ * kBlockK), pack(half * (kBlockK + 1) * d);
+    std::vector<scalar_t> probs16(half * kBlockQ * kBlockK), pack(half * kBlockK * d);
     for (int64_t t = next(); t >= 0; t = next()) {
       const Task& task = tasks[t];
       const SeqBounds s = bounds(cu_q, cu_k, task.seq);
@@ -218,7 +225,6 @@ void forward_typed(const Params& p, const at::Tensor& q, const at::Tensor& k, co
         const scalar_t* v_rows = v_ptr + (s.k0 + kb) * vs0 + hk * vs1;
         const HalfTile<scalar_t> k16{half_tiles ? k_rows : nullptr, ks0};
         const Tile<acc_t> kt = half_tiles ? Tile<acc_t>{} : load_tile(k_rows, ks0, n, d, k_buf.data());
-        const int64_t n_even = n + n % 2;  // 16-bit products take keys in pairs: an odd tile gets a zero key
         score_tile(p, s, i0, kb, rows, n, d, scale, qt, kt, q16, k16, pack.data(), probs.data(),
                    [&](int64_t r, acc_t* row, int64_t valid) {
                      if (valid > 0) {
@@ -232,17 +238,11 @@ void forward_typed(const Params& p, const at::Tensor& q, const at::Tensor& k, co
                          for (int64_t c = 0; c < d; ++c) a[c] *= alpha;
                        }
                      }
-                     if (half_tiles) {
-                       scalar_t* p16 = probs16.data() + r * kBlockK;
-                       at::vec::convert(row, p16, n);
-                       if (n_even > n) p16[n] = scalar_t(0.0f);
-                     }
+                     if (half_tiles) to_half_row(row, n, probs16.data() + r * kBlockK);
                    });
         if constexpr (sizeof(scalar_t) == 2) {
           if (half_tiles) {
-            pack_vnni(false, n, d, v_rows, vs0, pack.data());
-            at::native::cpublas::brgemm(rows, d, n_even, kBlockK, d, d, true, probs16.data(), pack.data(), acc.data(),
-                                        true);
+            gemm_half(false, rows, d, n, probs16.data(), kBlockK, v_rows, vs0, pack.data(), true, acc.data(), d);
             continue;
           }
         }
@@ -344,7 +344,6 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
             const HalfTile<scalar_t> k16{half_tiles ? k_rows : nullptr, ks0};
             const Tile<acc_t> kt = half_tiles ? Tile<acc_t>{} : load_tile(k_rows, ks0, n, d, k_buf.data());
             const Tile<acc_t> vt = half_tiles ? Tile<acc_t>{} : load_tile(v_rows, vs0, n, d, v_buf.data());
-            const int64_t n_even = n + n % 2;
             // The forward's scores to the last bit, so P matches the forward's lse.
             score_tile(p, s, i0, kb, rows, n, d, scale, qt, kt, q16, k16, pack.data(), probs.data(),
                        [&](int64_t r, acc_t* row, int64_t valid) { exp_and_sum(row, valid, shift[r]); });
@@ -355,9 +354,7 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
                  dv_acc.data() + kb * d, d);
             if constexpr (sizeof(scalar_t) == 2) {
               if (half_tiles) {
-                pack_vnni(true, d, n, v_rows, vs0, pack.data());
-                at::native::cpublas::brgemm(rows, n, d, dos0, n, kBlockK, false, do_rows, pack.data(), dprobs.data(),
-                                            true);
+                gemm_half(true, rows, n, d, do_rows, dos0, v_rows, vs0, pack.data(), false, dprobs.data(), kBlockK);
               }
             }
             if (!half_tiles) {
@@ -370,17 +367,11 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
               const acc_t dr = delta[r];
 #pragma omp simd
               for (int64_t j = 0; j < n; ++j) ds[j] = scale * pr[j] * (ds[j] - dr);
-              if (half_tiles) {
-                scalar_t* ds16 = dprobs16.data() + r * kBlockK;
-                at::vec::convert(ds, ds16, n);
-                if (n_even > n) ds16[n] = scalar_t(0.0f);
-              }
+              if (half_tiles) to_half_row(ds, n, dprobs16.data() + r * kBlockK);
             }
             if constexpr (sizeof(scalar_t) == 2) {
               if (half_tiles) {
-                pack_vnni(false, n, d, k_rows, ks0, pack.data());
-                at::native::cpublas::brgemm(rows, d, n_even, kBlockK, d, d, true, dprobs16.data(), pack.data(),
-                                            dq_acc.data(), true);
+                gemm_half(false, rows, d, n, dprobs16.data(), kBlockK, k_rows, ks0, pack.data(), true, dq_acc.data(), d);
               }
             }
             if (!half_tiles) {
