@@ -139,39 +139,36 @@ template <typename acc_t>
 void keep_row_uint8(const Params& p, const uint8_t* video, int64_t b, int64_t t, int64_t h, bool* keep,
                     std::vector<acc_t>& acc) {
   const Grid& g = p.grid;
-  acc.resize(g.width * 3);
+  const int64_t row_len = g.width * 3;
+  acc.resize(row_len);
   const uint8_t* later = video + g.thwc(b, g.later_frame(t), h * g.patch, 0);
   const uint8_t* earlier = video + g.thwc(b, g.earlier_frame(t), h * g.patch, 0);
+  bool vector_path = false;  // column sums done by AVX2 or AVX-512 (and channel sums of 16-pixel patches by AVX2)
 #if defined(VIDFAST_RLT_X86)
   if constexpr (std::is_same_v<acc_t, uint16_t>) {
     if (cpu_has_avx512()) {
-      column_sums_avx512(later, earlier, g.width * 3, g.patch, g.width * 3, acc.data());
+      column_sums_avx512(later, earlier, row_len, g.patch, row_len, acc.data());
     } else if (cpu_has_avx2()) {
-      column_sums_avx2(later, earlier, g.width * 3, g.patch, g.width * 3, acc.data());
-    } else {
-      column_sums(later, earlier, g.width * 3, g.patch, g.width * 3, acc.data());
+      column_sums_avx2(later, earlier, row_len, g.patch, row_len, acc.data());
     }
-  } else
-#endif
-  {
-    column_sums(later, earlier, g.width * 3, g.patch, g.width * 3, acc.data());
+    vector_path = cpu_has_avx2();
   }
+#endif
+  if (!vector_path) column_sums(later, earlier, row_len, g.patch, row_len, acc.data());
   for (int64_t w = 0; w < g.wp; ++w) {
     int64_t sums[3] = {0, 0, 0};
     const acc_t* a = acc.data() + w * g.patch * 3;
 #if defined(VIDFAST_RLT_X86)
     if constexpr (std::is_same_v<acc_t, uint16_t>) {
-      if (g.patch == 16 && cpu_has_avx2()) {
-        patch16_channel_sums(a, sums);
-        keep[w] = keep_token(t, distance_from_u8_sums(sums, p.inv_std, g.patch), p.threshold);
-        continue;
-      }
+      if (vector_path && g.patch == 16) patch16_channel_sums(a, sums);
     }
 #endif
-    for (int64_t x = 0; x < g.patch; ++x) {
-      sums[0] += a[3 * x];
-      sums[1] += a[3 * x + 1];
-      sums[2] += a[3 * x + 2];
+    if (!vector_path || g.patch != 16) {
+      for (int64_t x = 0; x < g.patch; ++x) {
+        sums[0] += a[3 * x];
+        sums[1] += a[3 * x + 1];
+        sums[2] += a[3 * x + 2];
+      }
     }
     keep[w] = keep_token(t, distance_from_u8_sums(sums, p.inv_std, g.patch), p.threshold);
   }
