@@ -222,6 +222,66 @@ def test_layouts_and_request_order(made_videos):
         assert r[5].shape == (96, 160, 3) and r[2:8:3].shape == (2, 96, 160, 3)
 
 
+def packet_table(reader):
+    """What opening a file found, to compare the sample-index listing with the packet scan."""
+    m = reader.metadata
+    return (m, reader.timestamps().tolist(), reader._reader.seek_frames())
+
+
+@pytest.fixture(scope="session")
+def mp4_variants(tmp_path_factory, made_videos):
+    """MP4/MOV files whose sample index the reader may use (or must refuse), beside the generated ones."""
+    d = tmp_path_factory.mktemp("mp4")
+    src = ["-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25:duration=3"]
+    v = {}
+    v["faststart"] = d / "faststart.mp4"  # moov before the media data
+    ffmpeg("-i", made_videos["bframes"], "-c", "copy", "-movflags", "+faststart", v["faststart"])
+    v["cut_edit_list"] = d / "cut_edit_list.mp4"  # edit list starting inside a GOP: leading packets discarded
+    ffmpeg("-ss", 1.3, "-i", made_videos["bframes"], "-c", "copy", v["cut_edit_list"])
+    v["vfr"] = d / "vfr.mp4"  # variable frame rate with B-frames
+    ffmpeg(*src, "-vf", "setpts=N*sqrt(N)/25/TB", "-fps_mode", "vfr", "-c:v", "libx264", "-bf", 2,
+           "-pix_fmt", "yuv420p", v["vfr"])
+    v["hevc"] = d / "hevc.mov"  # HEVC in MOV with B-frames, open GOPs (CRA pictures are not IDR)
+    ffmpeg(*src, "-c:v", "libx265", "-x265-params", "log-level=none:keyint=20:min-keyint=20:open-gop=1:bframes=3",
+           "-pix_fmt", "yuv420p", v["hevc"])
+    v["mpeg4"] = d / "mpeg4.mp4"  # MPEG-4 part 2 with B-frames (no IDR test)
+    ffmpeg(*src, "-c:v", "mpeg4", "-bf", 2, "-g", 15, v["mpeg4"])
+    v["no_bframes"] = d / "no_bframes.mp4"  # no 'ctts'
+    ffmpeg(*src, "-c:v", "libx264", "-bf", 0, "-g", 10, "-pix_fmt", "yuv420p", v["no_bframes"])
+    v["fragmented"] = d / "fragmented.mp4"  # fragments: the index is built while reading; packets are read
+    ffmpeg("-i", made_videos["bframes"], "-c", "copy", "-movflags", "frag_keyframe+empty_moov", v["fragmented"])
+    return v
+
+
+def test_sample_index_listing_equals_packet_scan(made_videos, mp4_variants, sample_clips):
+    # Opening MP4/MOV files lists packets from the demuxer's sample index: frame count, pts order (timestamps),
+    # keyframes, duration and the IDR-only seek points must equal what reading every packet finds.
+    refused = {"fragmented"}
+    files = {**{k: made_videos[k] for k in ("bframes", "open_gop", "odd444", "offset", "tiny")}, **mp4_variants,
+             **{k: v for k, v in sample_clips.items() if k.endswith(".mp4")}}
+    for name, path in files.items():
+        with VideoReader(path) as fast, VideoReader(path, _read_all_packets=True) as slow:
+            assert fast._reader.index_used() == (name not in refused), name
+            assert not slow._reader.index_used()
+            assert packet_table(fast) == packet_table(slow), name
+    with VideoReader(sample_clips["bikes.mp4"]) as r:  # seek points: the IDR keyframes (all of this clip's)
+        assert r._reader.seek_frames() == [0, 30, 76, 137, 187, 242]
+    with VideoReader(mp4_variants["hevc"]) as r:  # CRA keyframes are listed, but only the IDR start is a seek point
+        assert len(r.metadata.keyframes) > 1 and r._reader.seek_frames() == [0]
+
+
+@pytest.mark.parametrize("name", ["cut_edit_list", "vfr", "hevc", "mpeg4"])
+def test_indexed_mp4_frames_equal_sequential_decode(mp4_variants, name):
+    path = mp4_variants[name]
+    ref = pyav_frames(path)
+    with VideoReader(path, threads=2) as r:
+        assert len(r) == ref.shape[0]
+        idx = random_indices(len(r), 9, random.Random(2))
+        assert torch.equal(r.get_frames(idx), ref[idx]), idx
+        assert torch.equal(r.get_frames(list(range(len(r)))), ref)
+        assert list(r.metadata.keyframes) == pyav_keyframes(path)
+
+
 def test_metadata(made_videos, sample_clips):
     with VideoReader(made_videos["offset"]) as r:
         ts = r.timestamps()
