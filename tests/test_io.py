@@ -134,13 +134,19 @@ def test_real_clips_equal_sequential_decode(sample_clips):
             # whose msmpeg4 decoder differs in a handful of pixels.
             diff = (got.int() - ref[idx].int()).abs()
             assert diff.float().mean() < 0.01 and (name == "vtest.avi" or diff.max() == 0), name
-        # Fresh readers seeking straight to late keyframes (cockatoo.mp4 needs the x264 SEI of its first packet),
-        # with one decoder and with GOP-parallel decoders.
+        # Fresh readers seeking straight to late keyframes (cockatoo.mp4 needs the x264 SEI of its first packet):
+        # one decoder (FFmpeg's threads or not), and GOP-parallel decoders that each start at a late keyframe.
         for threads in (1, 2):
             with VideoReader(path, threads=threads) as r:
                 late = [r.metadata.keyframes[-1] + 1, len(r) - 1]
                 got = r.get_frames(late)
+                assert r._reader.decoders_used() == 1
             assert (got.int() - ref[late].int()).abs().float().mean() < 0.01, (name, threads)
+        with VideoReader(path, threads=2) as r:
+            late = [k + d for k in r._reader.seek_frames()[-2:] for d in (1, 2)]
+            got = r.get_frames(late)
+            assert r._reader.decoders_used() == 2
+        assert (got.int() - ref[late].int()).abs().float().mean() < 0.01, name
 
 
 def yuv_planes(path, indices):

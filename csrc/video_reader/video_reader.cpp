@@ -384,6 +384,8 @@ class VideoReader : public torch::CustomClassHolder {
   std::vector<int64_t> keyframes() const { return keyframes_; }
   std::string scan_error() const { return scan_error_; }
   bool index_used() const { return index_used_; }
+  // How many decoders took the last request (1: one decoder with FFmpeg's threads; more: GOP-parallel).
+  int64_t decoders_used() const { return decoders_used_; }
   // First frame of every seek point (frames decoding may start at), ascending.
   std::vector<int64_t> seek_frames() const {
     std::vector<int64_t> out;
@@ -539,46 +541,90 @@ class VideoReader : public torch::CustomClassHolder {
     std::vector<uint8_t> wanted;              // per frame of the video
   };
 
+  // Cuts runs (frames to decode each) into at most `parts` contiguous groups with the smallest largest group, and
+  // returns how many groups (group_of_run[r] says which). Returns 1 (one decoder with FFmpeg's frame threads)
+  // where the largest group would hold much more than an equal share: frame threads then keep every core busy.
+  static int64_t balanced_groups(const std::vector<int64_t>& run_frames, int64_t parts,
+                                 std::vector<int64_t>* group_of_run) {
+    int64_t total = 0, largest_run = 0;
+    for (int64_t f : run_frames) total += f, largest_run = std::max(largest_run, f);
+    auto groups_needed = [&](int64_t cap) {
+      int64_t groups = 1, load = 0;
+      for (int64_t f : run_frames) {
+        if (load + f > cap) ++groups, load = 0;
+        load += f;
+      }
+      return groups;
+    };
+    int64_t lo = largest_run, hi = total;  // smallest cap that needs at most `parts` groups
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (groups_needed(mid) <= parts) hi = mid; else lo = mid + 1;
+    }
+    // Frame threads cost a little (handing frames between threads); about 15 % imbalance is worth as much.
+    if (lo * parts * 20 > total * 23) return 1;
+    int64_t group = 0, load = 0;
+    for (size_t r = 0; r < run_frames.size(); ++r) {
+      if (load + run_frames[r] > lo) ++group, load = 0;
+      load += run_frames[r];
+      (*group_of_run)[r] = group;
+    }
+    return group + 1;
+  }
+
   // Decodes every target of the request; returns the frames that could not be decoded (sorted). Targets are cut
-  // into runs that start decoding at the same seek point; with several runs and threads to spare, contiguous
-  // groups of runs go to separate single-threaded decoders working in parallel (codecs without frame threads,
-  // such as MPEG-4 part 2, gain the most), else one decoder with FFmpeg's own threads takes them all.
+  // into runs that start decoding at the same seek point. With several runs and threads to spare, the runs are cut
+  // into contiguous groups of about equal decoding work that single-threaded decoders take in parallel (codecs
+  // without frame threads, such as MPEG-4 part 2, gain the most); where no such cut is balanced (one run holds
+  // most of the work), one decoder with FFmpeg's own threads takes them all.
   std::vector<int64_t> decode_request(Request& req) {
     const int64_t torch_threads = at::get_num_threads();
     if (static_cast<int64_t>(thread_sws_.size()) < torch_threads) thread_sws_.resize(torch_threads);
     while (true) {
-      std::vector<std::pair<size_t, int64_t>> runs;  // (first target position, frames to decode)
+      std::vector<size_t> run_start;  // first target position of each run
+      std::vector<int64_t> run_frames;  // frames each run decodes
       for (size_t j = 0; j < req.targets.size(); ++j) {
         const SeekPoint sp = seek_point_before(req.targets[j]);
-        if (j == 0 || sp.frame != seek_point_before(req.targets[j - 1]).frame) runs.push_back({j, 0});
-        runs.back().second = req.targets[j] - sp.frame + 1;
+        if (j == 0 || sp.frame != seek_point_before(req.targets[j - 1]).frame) {
+          run_start.push_back(j);
+          run_frames.push_back(0);
+        }
+        run_frames.back() = req.targets[j] - sp.frame + 1;
       }
       const int64_t threads = threads_ > 0 ? std::min(threads_, torch_threads) : torch_threads;
-      const int64_t parallel = cuda_device_ >= 0 ? 1 : std::min<int64_t>(threads, runs.size());
+      std::vector<int64_t> group_of_run(run_frames.size(), 0);
+      int64_t parallel = 1;
+      if (cuda_device_ < 0 && threads > 1 && run_frames.size() > 1) {
+        parallel = balanced_groups(run_frames, threads, &group_of_run);
+      }
+      decoders_used_ = parallel;
       std::vector<Work> works(parallel);
       if (parallel == 1) {
         for (size_t j = 0; j < req.targets.size(); ++j) works[0].targets.push_back(j);
         works[0].batch = torch_threads;
         run_work(main_, req, works[0]);
       } else {
-        int64_t total = 0;
-        for (const auto& r : runs) total += r.second;
-        int64_t done = 0;
-        for (size_t r = 0; r < runs.size(); ++r) {
-          const int64_t k = std::min<int64_t>(parallel - 1, done * parallel / std::max<int64_t>(total, 1));
-          const size_t end = r + 1 < runs.size() ? runs[r + 1].first : req.targets.size();
-          for (size_t j = runs[r].first; j < end; ++j) works[k].targets.push_back(j);
-          done += runs[r].second;
+        for (size_t r = 0; r < run_start.size(); ++r) {
+          const size_t end = r + 1 < run_start.size() ? run_start[r + 1] : req.targets.size();
+          for (size_t j = run_start[r]; j < end; ++j) works[group_of_run[r]].targets.push_back(j);
         }
-        while (static_cast<int64_t>(workers_.size()) < parallel) {
-          auto d = std::make_unique<Decoder>();
-          open_input(*d);
-          open_decoder(*d, 1, false);
-          workers_.push_back(std::move(d));
-        }
+        if (static_cast<int64_t>(workers_.size()) < parallel) workers_.resize(parallel);
         for (auto& w : works) w.serial = true;
         at::parallel_for(0, parallel, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t k = begin; k < end; ++k) run_work(*workers_[k], req, works[k]);
+          for (int64_t k = begin; k < end; ++k) {
+            try {  // each thread opens its own decoder (in parallel with the others)
+              if (!workers_[k]) {
+                auto d = std::make_unique<Decoder>();
+                open_input(*d);
+                open_decoder(*d, 1, false);
+                workers_[k] = std::move(d);
+              }
+            } catch (...) {
+              works[k].error = std::current_exception();
+              continue;
+            }
+            run_work(*workers_[k], req, works[k]);
+          }
         });
       }
       bool retry = false;
@@ -625,14 +671,24 @@ class VideoReader : public torch::CustomClassHolder {
   // Presentation key of a packet: its pts where the container gives every packet one, else its dts.
   int64_t key_of(const PacketInfo& p) const { return all_pts_ ? p.pts : p.dts; }
 
+  // Opens the file in d. The main decoder probes the streams (FFmpeg decodes a few frames for that) and picks
+  // the video stream; the parallel decoders take its stream and skip the probing where packets do not depend on
+  // it (MP4/MOV: every packet comes from the sample index read with the header).
   void open_input(Decoder& d) {
+    const bool is_main = &d == &main_;
     int ret = avformat_open_input(&d.fmt, path_.c_str(), nullptr, nullptr);
     TORCH_CHECK_VALUE(ret >= 0, "path: cannot open '", path_, "' as a video: ", av_error_text(ret));
-    ret = avformat_find_stream_info(d.fmt, nullptr);
-    TORCH_CHECK_VALUE(ret >= 0, "path: cannot read stream information from '", path_, "': ", av_error_text(ret));
-    ret = av_find_best_stream(d.fmt, AVMEDIA_TYPE_VIDEO, -1, -1, nullptr, 0);
-    TORCH_CHECK_VALUE(ret >= 0, "path: '", path_, "' has no video stream");
-    stream_index_ = ret;
+    if (is_main || std::strncmp(d.fmt->iformat->name, "mov,", 4) != 0) {
+      ret = avformat_find_stream_info(d.fmt, nullptr);
+      TORCH_CHECK_VALUE(ret >= 0, "path: cannot read stream information from '", path_, "': ", av_error_text(ret));
+    }
+    if (is_main) {
+      ret = av_find_best_stream(d.fmt, AVMEDIA_TYPE_VIDEO, -1, -1, nullptr, 0);
+      TORCH_CHECK_VALUE(ret >= 0, "path: '", path_, "' has no video stream");
+      stream_index_ = ret;
+    }
+    TORCH_CHECK(stream_index_ < static_cast<int>(d.fmt->nb_streams), "VideoReader: '", path_,
+                "' changed since it was opened");
     for (unsigned i = 0; i < d.fmt->nb_streams; ++i) {
       d.fmt->streams[i]->discard = static_cast<int>(i) == stream_index_ ? AVDISCARD_DEFAULT : AVDISCARD_ALL;
     }
@@ -904,6 +960,30 @@ class VideoReader : public torch::CustomClassHolder {
     }
   }
 
+  // Cuts a length-prefixed H.264 packet down to its NAL units that are not coded slices (parameter sets, SEI);
+  // false where there are none. Annex B packets are left whole (true).
+  bool keep_h264_headers(AVPacket* pkt) const {
+    const int nal_length = nal_length_size(stream()->codecpar);
+    if (nal_length == 0) return true;
+    TORCH_CHECK(av_packet_make_writable(pkt) >= 0, "VideoReader: out of memory");
+    int kept = 0;
+    for (int at = 0; at + nal_length < pkt->size;) {
+      int64_t len = 0;
+      for (int b = 0; b < nal_length; ++b) len = (len << 8) | pkt->data[at + b];
+      if (len <= 0 || at + nal_length + len > pkt->size) break;
+      const int unit = nal_length + static_cast<int>(len);
+      const int type = pkt->data[at + nal_length] & 0x1f;
+      if (type < 1 || type > 5) {  // 1..5: coded slices
+        std::memmove(pkt->data + kept, pkt->data + at, unit);
+        kept += unit;
+      }
+      at += unit;
+    }
+    std::memset(pkt->data + kept, 0, pkt->size - kept);
+    pkt->size = kept;
+    return kept > 0;
+  }
+
   static bool same_packet(const Decoder& d, const PacketInfo& p) {
     return d.packet->pts == p.pts && d.packet->dts == p.dts && d.packet->pos == p.pos;
   }
@@ -914,11 +994,17 @@ class VideoReader : public torch::CustomClassHolder {
     if (!d.primed && sp.packet > 0) {
       // Decoders learn from the stream's first packet things that later packets rely on and a flush keeps (for
       // H.264, the x264 build in its SEI, which switches on workarounds for old encoder bugs: without it, 4:4:4
-      // streams from old x264 decode to garbage after a seek). Decode it once before the first seek elsewhere.
+      // streams from old x264 decode to garbage after a seek). Send it once before the first seek elsewhere; of
+      // length-prefixed H.264 only its parameter sets and SEI (no picture to decode).
       seek_to(d, {0, 0});
       d.held_packet = false;
-      if (avcodec_send_packet(d.codec, d.packet) >= 0) {
-        while (avcodec_receive_frame(d.codec, d.frame) == 0) av_frame_unref(d.frame);
+      const bool h264 = stream()->codecpar->codec_id == AV_CODEC_ID_H264;
+      if (!h264 || keep_h264_headers(d.packet)) {
+        // (H.264 reports a packet without a picture as an error unless non-reference pictures may be skipped.)
+        d.codec->skip_frame = h264 ? AVDISCARD_NONREF : AVDISCARD_DEFAULT;
+        if (avcodec_send_packet(d.codec, d.packet) >= 0) {
+          while (avcodec_receive_frame(d.codec, d.frame) == 0) av_frame_unref(d.frame);
+        }
       }
       av_packet_unref(d.packet);
     }
@@ -1201,6 +1287,7 @@ class VideoReader : public torch::CustomClassHolder {
   std::vector<SeekPoint> seek_points_;
   int64_t num_frames_ = 0;
   bool index_used_ = false;  // packets listed from the MP4/MOV sample index
+  int64_t decoders_used_ = 0;
   bool keys_known_ = false;
   bool all_pts_ = false;
   bool skip_nonref_ = false;
@@ -1222,6 +1309,7 @@ TORCH_LIBRARY_FRAGMENT(vidfast, m) {
       .def("timestamps", &VideoReader::timestamps)
       .def("scan_error", &VideoReader::scan_error)
       .def("index_used", &VideoReader::index_used)
+      .def("decoders_used", &VideoReader::decoders_used)
       .def("seek_frames", &VideoReader::seek_frames)
       .def("get_frames", &VideoReader::get_frames)
       .def("close", &VideoReader::close);
