@@ -149,6 +149,25 @@ def test_real_clips_equal_sequential_decode(sample_clips):
         assert (got.int() - ref[late].int()).abs().float().mean() < 0.01, name
 
 
+def test_parallel_plan(made_videos, sample_clips):
+    # Runs (targets sharing a seek point) are split over single-threaded decoders when the split is balanced;
+    # H.264 (frame threads) takes one decoder with FFmpeg's threads when it is not; MS-MPEG-4 (no frame threads)
+    # always splits. Frames stay exact either way.
+    path = made_videos["bframes"]  # seek points every 12 frames
+    ref = pyav_frames(path)
+    for idx, decoders in (([5, 17], 2), ([3, 15, 27, 39], 2), ([11, 97], 1), ([50], 1)):
+        with VideoReader(path, threads=2) as r:
+            assert torch.equal(r.get_frames(idx), ref[idx])
+            assert r._reader.decoders_used() == decoders, idx
+    with VideoReader(path, threads=1) as r:
+        r.get_frames([5, 17])
+        assert r._reader.decoders_used() == 1
+    with VideoReader(sample_clips["vtest.avi"], threads=2) as r:  # seek points 0, 250, 500, 750
+        for idx in ([1, 251], [200, 251]):
+            r.get_frames(idx)
+            assert r._reader.decoders_used() == 2, idx
+
+
 def yuv_planes(path, indices):
     """Decoded 8-bit Y, U, V planes of the frames at indices (a full sequential PyAV decode), float64."""
     wanted, out = set(indices), {}
