@@ -698,7 +698,6 @@ class VideoReader : public torch::CustomClassHolder {
 
   // What the packet scan records of a packet (the IDR test reads its bytes).
   PacketInfo packet_info(const AVPacket* pkt) const {
-    const AVCodecParameters* par = stream()->codecpar;
     const bool has_frame = pkt->size > 0 && !(pkt->flags & AV_PKT_FLAG_DISCARD);
     const bool key = (pkt->flags & AV_PKT_FLAG_KEY) != 0;
     return {pkt->pts, pkt->dts, pkt->pos, pkt->duration, key, key && safe_start_bytes(pkt->data, pkt->size),
@@ -784,10 +783,20 @@ class VideoReader : public torch::CustomClassHolder {
       checked[k] = 1;
       return true;
     };
+    // Keyframes' bytes are read straight from the file below: the demuxer must not change them (no decryption).
+    auto file_bytes = [&](int64_t k, std::vector<uint8_t>* bytes) {
+      const AVIndexEntry* e = avformat_index_get_entry(st, static_cast<int>(k));
+      bytes->resize(e->size);
+      return avio_seek(d.fmt->pb, e->pos, SEEK_SET) == e->pos &&
+             avio_read(d.fmt->pb, bytes->data(), e->size) == e->size;
+    };
+    std::vector<uint8_t> bytes;
+    if (!file_bytes(0, &bytes)) return false;
     const int64_t head = std::min<int64_t>(n, 64);
     for (int64_t k = 0; k < head; ++k) {
       if (!read_packet(d, stream_index_)) return false;
-      const bool ok = check(k);
+      const bool ok = check(k) && (k > 0 || (d.packet->size == static_cast<int>(bytes.size()) &&
+                                             std::memcmp(d.packet->data, bytes.data(), bytes.size()) == 0));
       av_packet_unref(d.packet);
       if (!ok) return false;
     }
@@ -817,18 +826,13 @@ class VideoReader : public torch::CustomClassHolder {
       return false;
     }
     // Entries between the two read ranges: the same pts shift; keyframes' bytes read for the IDR test.
-    std::vector<uint8_t> bytes;
     for (int64_t k = 0; k < n; ++k) {
       PacketInfo& p = packets_[k];
       if (checked[k]) continue;
       p.pts += shift;
       if (!p.key) continue;
-      const AVIndexEntry* e = avformat_index_get_entry(st, static_cast<int>(k));
-      bytes.resize(e->size);
-      if (avio_seek(d.fmt->pb, e->pos, SEEK_SET) != e->pos || avio_read(d.fmt->pb, bytes.data(), e->size) != e->size) {
-        return false;
-      }
-      p.safe_start = safe_start_bytes(bytes.data(), e->size);
+      if (!file_bytes(k, &bytes)) return false;
+      p.safe_start = safe_start_bytes(bytes.data(), static_cast<int>(bytes.size()));
     }
     // The last frame in presentation order needs its packet's duration (read above unless the GOPs are open).
     int64_t last = -1;
