@@ -273,6 +273,9 @@ def mp4_variants(tmp_path_factory, made_videos):
     ffmpeg(*src, "-c:v", "mpeg4", "-bf", 2, "-g", 15, v["mpeg4"])
     v["no_bframes"] = d / "no_bframes.mp4"  # no 'ctts'
     ffmpeg(*src, "-c:v", "libx264", "-bf", 0, "-g", 10, "-pix_fmt", "yuv420p", v["no_bframes"])
+    v["with_audio"] = d / "with_audio.mp4"  # audio track first: the video track is found by its track id
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=3", *src, "-map", "0:a", "-map", "1:v", "-c:a", "aac",
+           "-c:v", "libx264", "-bf", 2, "-g", 15, "-pix_fmt", "yuv420p", v["with_audio"])
     v["fragmented"] = d / "fragmented.mp4"  # fragments: the index is built while reading; packets are read
     ffmpeg("-i", made_videos["bframes"], "-c", "copy", "-movflags", "frag_keyframe+empty_moov", v["fragmented"])
     return v
@@ -295,7 +298,7 @@ def test_sample_index_listing_equals_packet_scan(made_videos, mp4_variants, samp
         assert len(r.metadata.keyframes) > 1 and r._reader.seek_frames() == [0]
 
 
-@pytest.mark.parametrize("name", ["cut_edit_list", "vfr", "hevc", "mpeg4"])
+@pytest.mark.parametrize("name", ["cut_edit_list", "vfr", "hevc", "mpeg4", "with_audio"])
 def test_indexed_mp4_frames_equal_sequential_decode(mp4_variants, name):
     path = mp4_variants[name]
     ref = pyav_frames(path)
@@ -303,6 +306,8 @@ def test_indexed_mp4_frames_equal_sequential_decode(mp4_variants, name):
         assert len(r) == ref.shape[0]
         idx = random_indices(len(r), 9, random.Random(2))
         assert torch.equal(r.get_frames(idx), ref[idx]), idx
+        if name == "with_audio":  # the parallel decoders (no stream probing) find the video track too
+            assert r._reader.decoders_used() == 2
         assert torch.equal(r.get_frames(list(range(len(r)))), ref)
         assert list(r.metadata.keyframes) == pyav_keyframes(path)
 
