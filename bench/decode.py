@@ -1,7 +1,8 @@
 """Frame sampling benchmark: pyvidfast.io.VideoReader against PyAV (seek per frame, and one sequential pass),
 decord and torchcodec, on the CPU. Every reader returns the same model-ready clip: float32 [T, 3, 224, 224]
 normalized with ImageNet's mean/std; the peers' frames are resized (bilinear, antialiased) and normalized in
-PyTorch. Each timed call opens the file, samples, converts and closes it, as a Dataset's __getitem__ does.
+PyTorch. Each timed call opens the file, samples, converts and closes it, as a Dataset's __getitem__ does. The
+readers take turns (one call each per round), so load from other jobs falls on all of them alike.
 
 Clips: the real sample clips, and a 10-minute clip made by looping bikes.mp4 with the ffmpeg CLI (stream copy,
 cached next to the samples). Cases: 16 frames uniform, 16 frames at stride 4 from a random start (the same start
@@ -124,16 +125,18 @@ def cases(num_frames: int, fps: float, rng: torch.Generator) -> dict:
     }
 
 
-def time_call(fn, repeats: int, warmup: bool):
-    """Median seconds of fn() over repeats, and its result (the warm-up's, or the first timed run's)."""
-    result = fn() if warmup else None  # warm-up: file in the page cache, libraries loaded
-    times = []
+def time_readers(readers: dict, repeats: int, warmup: bool) -> tuple[dict, dict]:
+    """Median seconds of each reader over repeats, and each reader's result. Rounds run every reader once, in turn,
+    so a burst of load from other jobs on the machine hits all readers alike rather than one."""
+    results = {name: fn() for name, fn in readers.items()} if warmup else {}  # file cached, libraries loaded
+    times = {name: [] for name in readers}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-        result = out if result is None else result
-    return statistics.median(times), result
+        for name, fn in readers.items():
+            start = time.perf_counter()
+            out = fn()
+            times[name].append(time.perf_counter() - start)
+            results.setdefault(name, out)
+    return {name: statistics.median(t) for name, t in times.items()}, results
 
 
 def main():
@@ -163,16 +166,15 @@ def main():
             "decord": lambda: read_decord(path, indices),
             "torchcodec": lambda: read_torchcodec(path, indices),
         }
-        fps_of, ref = {}, None
-        for name, fn in readers.items():
-            # The 10-minute clip: one timed run per reader (its warm-up is the long clip's creation and scan).
-            seconds, got = time_call(fn, 1 if long else repeats, warmup=not long)
-            ref = got if ref is None else ref
+        # The 10-minute clip: one timed run per reader (its warm-up is the long clip's creation and scan).
+        seconds, got = time_readers(readers, 1 if long else repeats, warmup=not long)
+        fps_of, ref = {}, got["pyvidfast"]
+        for name in readers:
             # Same frames: resized pixels agree to about a level (libswscale's RGB vs the fused YUV path).
-            err = float((got - ref).abs().mean() * 0.226 * 255)
-            fps_of[name] = len(indices) / seconds
+            err = float((got[name] - ref).abs().mean() * 0.226 * 255)
+            fps_of[name] = len(indices) / seconds[name]
             results.append({"clip": label, "case": case, "frames": len(indices), "reader": name,
-                            "median_s": seconds, "frames_per_s": fps_of[name], "mean_abs_diff_levels": err})
+                            "median_s": seconds[name], "frames_per_s": fps_of[name], "mean_abs_diff_levels": err})
         peers = {k: v for k, v in fps_of.items() if k != "pyvidfast"}
         best = max(peers, key=peers.get)
         rows.append([label, case, len(indices), fps_of["pyvidfast"], fps_of["PyAV seek"], fps_of["PyAV sequential"],

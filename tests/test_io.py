@@ -134,13 +134,38 @@ def test_real_clips_equal_sequential_decode(sample_clips):
             # whose msmpeg4 decoder differs in a handful of pixels.
             diff = (got.int() - ref[idx].int()).abs()
             assert diff.float().mean() < 0.01 and (name == "vtest.avi" or diff.max() == 0), name
-        # Fresh readers seeking straight to late keyframes (cockatoo.mp4 needs the x264 SEI of its first packet),
-        # with one decoder and with GOP-parallel decoders.
+        # Fresh readers seeking straight to late keyframes (cockatoo.mp4 needs the x264 SEI of its first packet):
+        # one decoder (FFmpeg's threads or not), and GOP-parallel decoders that each start at a late keyframe.
         for threads in (1, 2):
             with VideoReader(path, threads=threads) as r:
                 late = [r.metadata.keyframes[-1] + 1, len(r) - 1]
                 got = r.get_frames(late)
+                assert r._reader.decoders_used() == 1
             assert (got.int() - ref[late].int()).abs().float().mean() < 0.01, (name, threads)
+        with VideoReader(path, threads=2) as r:
+            late = [k + d for k in r._reader.seek_frames()[-2:] for d in (1, 2)]
+            got = r.get_frames(late)
+            assert r._reader.decoders_used() == 2
+        assert (got.int() - ref[late].int()).abs().float().mean() < 0.01, name
+
+
+def test_parallel_plan(made_videos, sample_clips):
+    # Runs (targets sharing a seek point) are split over single-threaded decoders when the split is balanced;
+    # H.264 (frame threads) takes one decoder with FFmpeg's threads when it is not; MS-MPEG-4 (no frame threads)
+    # always splits. Frames stay exact either way.
+    path = made_videos["bframes"]  # seek points every 12 frames
+    ref = pyav_frames(path)
+    for idx, decoders in (([5, 17], 2), ([3, 15, 27, 39], 2), ([11, 97], 1), ([50], 1)):
+        with VideoReader(path, threads=2) as r:
+            assert torch.equal(r.get_frames(idx), ref[idx])
+            assert r._reader.decoders_used() == decoders, idx
+    with VideoReader(path, threads=1) as r:
+        r.get_frames([5, 17])
+        assert r._reader.decoders_used() == 1
+    with VideoReader(sample_clips["vtest.avi"], threads=2) as r:  # seek points 0, 250, 500, 750
+        for idx in ([1, 251], [200, 251]):
+            r.get_frames(idx)
+            assert r._reader.decoders_used() == 2, idx
 
 
 def yuv_planes(path, indices):
@@ -220,6 +245,71 @@ def test_layouts_and_request_order(made_videos):
         assert r.get_frames([]).shape == (0, 96, 160, 3)
         assert r.get_frames(torch.tensor([[1, 2]])).shape == (2, 96, 160, 3)
         assert r[5].shape == (96, 160, 3) and r[2:8:3].shape == (2, 96, 160, 3)
+
+
+def packet_table(reader):
+    """What opening a file found, to compare the sample-index listing with the packet scan."""
+    m = reader.metadata
+    return (m, reader.timestamps().tolist(), reader._reader.seek_frames())
+
+
+@pytest.fixture(scope="session")
+def mp4_variants(tmp_path_factory, made_videos):
+    """MP4/MOV files whose sample index the reader may use (or must refuse), beside the generated ones."""
+    d = tmp_path_factory.mktemp("mp4")
+    src = ["-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25:duration=3"]
+    v = {}
+    v["faststart"] = d / "faststart.mp4"  # moov before the media data
+    ffmpeg("-i", made_videos["bframes"], "-c", "copy", "-movflags", "+faststart", v["faststart"])
+    v["cut_edit_list"] = d / "cut_edit_list.mp4"  # edit list starting inside a GOP: leading packets discarded
+    ffmpeg("-ss", 1.3, "-i", made_videos["bframes"], "-c", "copy", v["cut_edit_list"])
+    v["vfr"] = d / "vfr.mp4"  # variable frame rate with B-frames
+    ffmpeg(*src, "-vf", "setpts=N*sqrt(N)/25/TB", "-fps_mode", "vfr", "-c:v", "libx264", "-bf", 2,
+           "-pix_fmt", "yuv420p", v["vfr"])
+    v["hevc"] = d / "hevc.mov"  # HEVC in MOV with B-frames, open GOPs (CRA pictures are not IDR)
+    ffmpeg(*src, "-c:v", "libx265", "-x265-params", "log-level=none:keyint=20:min-keyint=20:open-gop=1:bframes=3",
+           "-pix_fmt", "yuv420p", v["hevc"])
+    v["mpeg4"] = d / "mpeg4.mp4"  # MPEG-4 part 2 with B-frames (no IDR test)
+    ffmpeg(*src, "-c:v", "mpeg4", "-bf", 2, "-g", 15, v["mpeg4"])
+    v["no_bframes"] = d / "no_bframes.mp4"  # no 'ctts'
+    ffmpeg(*src, "-c:v", "libx264", "-bf", 0, "-g", 10, "-pix_fmt", "yuv420p", v["no_bframes"])
+    v["with_audio"] = d / "with_audio.mp4"  # audio track first: the video track is found by its track id
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=3", *src, "-map", "0:a", "-map", "1:v", "-c:a", "aac",
+           "-c:v", "libx264", "-bf", 2, "-g", 15, "-pix_fmt", "yuv420p", v["with_audio"])
+    v["fragmented"] = d / "fragmented.mp4"  # fragments: the index is built while reading; packets are read
+    ffmpeg("-i", made_videos["bframes"], "-c", "copy", "-movflags", "frag_keyframe+empty_moov", v["fragmented"])
+    return v
+
+
+def test_sample_index_listing_equals_packet_scan(made_videos, mp4_variants, sample_clips):
+    # Opening MP4/MOV files lists packets from the demuxer's sample index: frame count, pts order (timestamps),
+    # keyframes, duration and the IDR-only seek points must equal what reading every packet finds.
+    refused = {"fragmented"}
+    files = {**{k: made_videos[k] for k in ("bframes", "open_gop", "odd444", "offset", "tiny")}, **mp4_variants,
+             **{k: v for k, v in sample_clips.items() if k.endswith(".mp4")}}
+    for name, path in files.items():
+        with VideoReader(path) as fast, VideoReader(path, _read_all_packets=True) as slow:
+            assert fast._reader.index_used() == (name not in refused), name
+            assert not slow._reader.index_used()
+            assert packet_table(fast) == packet_table(slow), name
+    with VideoReader(sample_clips["bikes.mp4"]) as r:  # seek points: the IDR keyframes (all of this clip's)
+        assert r._reader.seek_frames() == [0, 30, 76, 137, 187, 242]
+    with VideoReader(mp4_variants["hevc"]) as r:  # CRA keyframes are listed, but only the IDR start is a seek point
+        assert len(r.metadata.keyframes) > 1 and r._reader.seek_frames() == [0]
+
+
+@pytest.mark.parametrize("name", ["cut_edit_list", "vfr", "hevc", "mpeg4", "with_audio"])
+def test_indexed_mp4_frames_equal_sequential_decode(mp4_variants, name):
+    path = mp4_variants[name]
+    ref = pyav_frames(path)
+    with VideoReader(path, threads=2) as r:
+        assert len(r) == ref.shape[0]
+        idx = random_indices(len(r), 9, random.Random(2))
+        assert torch.equal(r.get_frames(idx), ref[idx]), idx
+        if name == "with_audio":  # the parallel decoders (no stream probing) find the video track too
+            assert r._reader.decoders_used() == 2
+        assert torch.equal(r.get_frames(list(range(len(r)))), ref)
+        assert list(r.metadata.keyframes) == pyav_keyframes(path)
 
 
 def test_metadata(made_videos, sample_clips):

@@ -1,8 +1,9 @@
 // An exact, planned frame reader over FFmpeg, exposed as the torch custom class vidfast.VideoReader.
 //
-// Frame i is the i-th frame a full sequential decode outputs. Opening scans every packet of the video stream
+// Frame i is the i-th frame a full sequential decode outputs. Opening lists every packet of the video stream
 // (no decoding) to count frames and to find the keyframes where decoding may start without changing any later
-// frame. A request is planned: sorted and de-duplicated, decoded forward only, seeking to a keyframe only when it
+// frame: for MP4/MOV from the demuxer's sample index (checked against the file's sample tables and against
+// packets read at both ends), else by reading every packet. A request is planned: sorted and de-duplicated, decoded forward only, seeking to a keyframe only when it
 // skips packets, converting only requested frames, and (where pts order has been verified) asking the decoder
 // to skip non-reference frames that are not requested.
 #include <ATen/ATen.h>
@@ -12,6 +13,7 @@
 
 #include <algorithm>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <cstring>
 #include <limits>
@@ -92,6 +94,117 @@ int nal_length_size(const AVCodecParameters* par) {
   if (par->codec_id == AV_CODEC_ID_H264 && par->extradata_size >= 7 && x[0] == 1) return (x[4] & 3) + 1;
   if (par->codec_id == AV_CODEC_ID_HEVC && par->extradata_size >= 23 && x[0] == 1) return (x[21] & 3) + 1;
   return 0;
+}
+
+// The sample tables of one MP4/MOV track that the demuxer's index does not keep.
+struct Mp4Track {
+  std::vector<uint32_t> sizes;   // 'stsz': bytes of each sample
+  std::vector<int64_t> offsets;  // 'ctts': composition (pts - dts) offset of each sample; empty without 'ctts'
+};
+
+uint32_t be32(const uint8_t* p) {
+  return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | p[3];
+}
+
+// Calls visit(type, payload, payload_size) for each box in [data, data + size); false if a box is malformed.
+template <typename Visit>
+bool for_each_box(const uint8_t* data, int64_t size, Visit&& visit) {
+  for (int64_t at = 0; at < size;) {
+    if (size - at < 8) return false;
+    int64_t box = be32(data + at), header = 8;
+    if (box == 1) {
+      if (size - at < 16) return false;
+      box = (int64_t{be32(data + at + 8)} << 32) | be32(data + at + 12), header = 16;
+    } else if (box == 0) {
+      box = size - at;
+    }
+    if (box < header || box > size - at) return false;
+    if (!visit(std::string(reinterpret_cast<const char*>(data + at + 4), 4), data + at + header, box - header)) {
+      return false;
+    }
+    at += box;
+  }
+  return true;
+}
+
+// Finds the 'stsz' and 'ctts' tables of track `track_id` (tkhd). False for anything unexpected: no or several
+// 'moov', fragments ('moof', 'mvex'), compact sizes ('stz2'), several tables, huge composition offsets (which
+// FFmpeg ignores).
+bool read_mp4_track(AVIOContext* pb, int track_id, Mp4Track* out) {
+  const int64_t file_size = avio_size(pb);
+  if (file_size <= 0) return false;
+  std::vector<uint8_t> moov;
+  int moov_count = 0;
+  for (int64_t at = 0; at + 8 <= file_size;) {
+    uint8_t head[16];
+    if (avio_seek(pb, at, SEEK_SET) != at || avio_read(pb, head, 8) != 8) return false;
+    int64_t box = be32(head), header = 8;
+    if (box == 1) {
+      if (avio_read(pb, head + 8, 8) != 8) return false;
+      box = (int64_t{be32(head + 8)} << 32) | be32(head + 12), header = 16;
+    } else if (box == 0) {
+      box = file_size - at;
+    }
+    if (box < header) return false;
+    const std::string type(reinterpret_cast<const char*>(head + 4), 4);
+    if (type == "moof" || type == "mfra") return false;
+    if (type == "moov") {
+      if (++moov_count > 1 || box - header > (int64_t{1} << 30) || at + box > file_size) return false;
+      moov.resize(box - header);
+      if (avio_read(pb, moov.data(), static_cast<int>(moov.size())) != static_cast<int>(moov.size())) return false;
+    }
+    at += box;
+  }
+  if (moov_count != 1) return false;
+
+  int tracks_found = 0;
+  bool ok = for_each_box(moov.data(), static_cast<int64_t>(moov.size()), [&](const std::string& type,
+                                                                              const uint8_t* p, int64_t size) {
+    if (type == "mvex") return false;
+    if (type != "trak") return true;
+    int64_t id = -1;
+    Mp4Track t;
+    int stsz_count = 0, ctts_count = 0;
+    bool stz2 = false;
+    std::function<bool(const std::string&, const uint8_t*, int64_t)> walk = [&](const std::string& type,
+                                                                                 const uint8_t* q, int64_t n) {
+      if (type == "mdia" || type == "minf" || type == "stbl") return for_each_box(q, n, walk);
+      if (type == "tkhd") {
+        const int64_t id_at = n >= 1 && q[0] == 1 ? 20 : 12;
+        if (n < id_at + 4) return false;
+        id = be32(q + id_at);
+      } else if (type == "stz2") {
+        stz2 = true;
+      } else if (type == "stsz") {
+        ++stsz_count;
+        if (n < 12) return false;
+        const uint32_t constant = be32(q + 4), count = be32(q + 8);
+        if (constant == 0 && (n - 12) / 4 < count) return false;
+        t.sizes.resize(count);
+        for (uint32_t k = 0; k < count; ++k) t.sizes[k] = constant ? constant : be32(q + 12 + 4 * k);
+      } else if (type == "ctts") {
+        ++ctts_count;
+        if (n < 8) return false;
+        const uint32_t entries = be32(q + 4);
+        if ((n - 8) / 8 < entries) return false;
+        for (uint32_t e = 0; e < entries; ++e) {
+          const uint32_t count = be32(q + 8 + 8 * e);
+          const int64_t offset = static_cast<int32_t>(be32(q + 12 + 8 * e));
+          if (offset <= -(int64_t{1} << 28) || offset >= (int64_t{1} << 28)) return false;
+          if (t.offsets.size() + count > (size_t{1} << 31)) return false;
+          t.offsets.insert(t.offsets.end(), count, offset);
+        }
+      }
+      return true;
+    };
+    if (!for_each_box(p, size, walk)) return false;
+    if (id != track_id) return true;
+    ++tracks_found;
+    if (stz2 || stsz_count != 1 || ctts_count > 1) return false;
+    *out = std::move(t);
+    return true;
+  });
+  return ok && tracks_found == 1;
 }
 
 AVPixelFormat pick_cuda_format(AVCodecContext*, const AVPixelFormat* formats) {
@@ -230,7 +343,7 @@ struct Work {
   std::vector<Pending> pending;
   std::vector<int64_t> missing;
   int64_t batch = 1;    // frames converted together
-  bool serial = false;  // convert on the calling thread (decoders run in parallel)
+  bool serial = false;  // convert on the calling thread (decoders or FFmpeg's frame threads run in parallel)
   ThreadSws sws;
   int failure = 0;  // 1: decoded order is not pts order, 2: bad seek point
   SeekPoint bad_seek{0, 0};
@@ -241,12 +354,15 @@ struct Work {
 
 class VideoReader : public torch::CustomClassHolder {
  public:
-  VideoReader(std::string path, int64_t cuda_device, int64_t threads)
+  // read_all_packets: list the packets by reading them even where the sample index could be used (for tests).
+  VideoReader(std::string path, int64_t cuda_device, int64_t threads, bool read_all_packets)
       : path_(std::move(path)), cuda_device_(cuda_device), threads_(threads) {
     TORCH_CHECK_VALUE(threads >= 0, "threads: expected 0 (automatic) or a positive count; got ", threads);
     try {
       open_input(main_);
-      scan_packets(main_);
+      index_used_ = !read_all_packets && packets_from_index(main_);
+      if (!index_used_) read_packets(main_);
+      plan_from_packets();
       open_decoder(main_, static_cast<int>(threads_), cuda_device_ >= 0);
     } catch (...) {
       close();
@@ -267,6 +383,15 @@ class VideoReader : public torch::CustomClassHolder {
   std::string decode_device() const { return cuda_device_ >= 0 && hw_device_ ? "cuda" : "cpu"; }
   std::vector<int64_t> keyframes() const { return keyframes_; }
   std::string scan_error() const { return scan_error_; }
+  bool index_used() const { return index_used_; }
+  // How many decoders took the last request (1: one decoder with FFmpeg's threads; more: GOP-parallel).
+  int64_t decoders_used() const { return decoders_used_; }
+  // First frame of every seek point (frames decoding may start at), ascending.
+  std::vector<int64_t> seek_frames() const {
+    std::vector<int64_t> out;
+    for (const auto& sp : seek_points_) out.push_back(sp.frame);
+    return out;
+  }
 
   double fps() const {
     const AVStream* s = stream();
@@ -416,46 +541,97 @@ class VideoReader : public torch::CustomClassHolder {
     std::vector<uint8_t> wanted;              // per frame of the video
   };
 
+  // Cuts runs (frames to decode each) into at most `parts` contiguous groups with the smallest largest group, and
+  // returns how many groups (group_of_run[r] says which). Where the codec has frame threads and the largest group
+  // would hold much more than an equal share, returns 1: one decoder with FFmpeg's frame threads keeps every core
+  // busy. (Measured on 2 cores, H.264: two single-threaded decoders on halves of the work take about 30 % less time
+  // than one decoder with frame threads on all of it.)
+  static int64_t balanced_groups(const std::vector<int64_t>& run_frames, int64_t parts, bool frame_threads,
+                                 std::vector<int64_t>* group_of_run) {
+    int64_t total = 0, largest_run = 0;
+    for (int64_t f : run_frames) total += f, largest_run = std::max(largest_run, f);
+    auto groups_needed = [&](int64_t cap) {
+      int64_t groups = 1, load = 0;
+      for (int64_t f : run_frames) {
+        if (load + f > cap) ++groups, load = 0;
+        load += f;
+      }
+      return groups;
+    };
+    int64_t lo = largest_run, hi = total;  // smallest cap that needs at most `parts` groups
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (groups_needed(mid) <= parts) hi = mid; else lo = mid + 1;
+    }
+    if (frame_threads && lo * parts * 10 > total * 14) return 1;
+    int64_t group = 0, load = 0;
+    for (size_t r = 0; r < run_frames.size(); ++r) {
+      if (load + run_frames[r] > lo) ++group, load = 0;
+      load += run_frames[r];
+      (*group_of_run)[r] = group;
+    }
+    return group + 1;
+  }
+
   // Decodes every target of the request; returns the frames that could not be decoded (sorted). Targets are cut
-  // into runs that start decoding at the same seek point; with several runs and threads to spare, contiguous
-  // groups of runs go to separate single-threaded decoders working in parallel (codecs without frame threads,
-  // such as MPEG-4 part 2, gain the most), else one decoder with FFmpeg's own threads takes them all.
+  // into runs that start decoding at the same seek point. With several runs and threads to spare, the runs are cut
+  // into contiguous groups of about equal decoding work that single-threaded decoders take in parallel (codecs
+  // without frame threads, such as MPEG-4 part 2, gain the most); where no such cut is balanced (one run holds
+  // most of the work), one decoder with FFmpeg's own threads takes them all.
   std::vector<int64_t> decode_request(Request& req) {
     const int64_t torch_threads = at::get_num_threads();
     if (static_cast<int64_t>(thread_sws_.size()) < torch_threads) thread_sws_.resize(torch_threads);
     while (true) {
-      std::vector<std::pair<size_t, int64_t>> runs;  // (first target position, frames to decode)
+      std::vector<size_t> run_start;  // first target position of each run
+      std::vector<int64_t> run_frames;  // frames each run decodes
       for (size_t j = 0; j < req.targets.size(); ++j) {
         const SeekPoint sp = seek_point_before(req.targets[j]);
-        if (j == 0 || sp.frame != seek_point_before(req.targets[j - 1]).frame) runs.push_back({j, 0});
-        runs.back().second = req.targets[j] - sp.frame + 1;
+        if (j == 0 || sp.frame != seek_point_before(req.targets[j - 1]).frame) {
+          run_start.push_back(j);
+          run_frames.push_back(0);
+        }
+        run_frames.back() = req.targets[j] - sp.frame + 1;
       }
       const int64_t threads = threads_ > 0 ? std::min(threads_, torch_threads) : torch_threads;
-      const int64_t parallel = cuda_device_ >= 0 ? 1 : std::min<int64_t>(threads, runs.size());
+      std::vector<int64_t> group_of_run(run_frames.size(), 0);
+      int64_t parallel = 1;
+      if (cuda_device_ < 0 && threads > 1 && run_frames.size() > 1) {
+        const bool frame_threads = (main_.codec->codec->capabilities & AV_CODEC_CAP_FRAME_THREADS) != 0;
+        parallel = balanced_groups(run_frames, threads, frame_threads, &group_of_run);
+      }
+      decoders_used_ = parallel;
       std::vector<Work> works(parallel);
       if (parallel == 1) {
         for (size_t j = 0; j < req.targets.size(); ++j) works[0].targets.push_back(j);
-        works[0].batch = torch_threads;
+        // With FFmpeg's frame threads busy on every core, converting on this thread (while they decode the
+        // packets already sent) beats splitting each conversion over torch's threads: about 10 % less time per
+        // request on 2 cores shared with other jobs (not measured on a quiet machine), and no loss where
+        // conversion dominates (every frame at native size).
+        works[0].serial = (main_.codec->active_thread_type & FF_THREAD_FRAME) != 0;
+        works[0].batch = works[0].serial ? 1 : torch_threads;
         run_work(main_, req, works[0]);
       } else {
-        int64_t total = 0;
-        for (const auto& r : runs) total += r.second;
-        int64_t done = 0;
-        for (size_t r = 0; r < runs.size(); ++r) {
-          const int64_t k = std::min<int64_t>(parallel - 1, done * parallel / std::max<int64_t>(total, 1));
-          const size_t end = r + 1 < runs.size() ? runs[r + 1].first : req.targets.size();
-          for (size_t j = runs[r].first; j < end; ++j) works[k].targets.push_back(j);
-          done += runs[r].second;
+        for (size_t r = 0; r < run_start.size(); ++r) {
+          const size_t end = r + 1 < run_start.size() ? run_start[r + 1] : req.targets.size();
+          for (size_t j = run_start[r]; j < end; ++j) works[group_of_run[r]].targets.push_back(j);
         }
-        while (static_cast<int64_t>(workers_.size()) < parallel) {
-          auto d = std::make_unique<Decoder>();
-          open_input(*d);
-          open_decoder(*d, 1, false);
-          workers_.push_back(std::move(d));
-        }
+        if (static_cast<int64_t>(workers_.size()) < parallel) workers_.resize(parallel);
         for (auto& w : works) w.serial = true;
         at::parallel_for(0, parallel, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t k = begin; k < end; ++k) run_work(*workers_[k], req, works[k]);
+          for (int64_t k = begin; k < end; ++k) {
+            try {  // each thread opens its own decoder (in parallel with the others)
+              if (!workers_[k]) {
+                auto d = std::make_unique<Decoder>();
+                open_input(*d);
+                open_decoder(*d, 1, false);
+                workers_[k] = std::move(d);
+              }
+            } catch (...) {
+              works[k].error = std::current_exception();
+              continue;
+            }
+            run_work(*workers_[k], req, works[k]);
+          }
         });
       }
       bool retry = false;
@@ -502,37 +678,177 @@ class VideoReader : public torch::CustomClassHolder {
   // Presentation key of a packet: its pts where the container gives every packet one, else its dts.
   int64_t key_of(const PacketInfo& p) const { return all_pts_ ? p.pts : p.dts; }
 
+  // Opens the file in d. The main decoder probes the streams (FFmpeg decodes a few frames for that) and picks
+  // the video stream; the parallel decoders take its stream and skip the probing where packets do not depend on
+  // it (MP4/MOV: every packet comes from the sample index read with the header).
   void open_input(Decoder& d) {
+    const bool is_main = &d == &main_;
     int ret = avformat_open_input(&d.fmt, path_.c_str(), nullptr, nullptr);
     TORCH_CHECK_VALUE(ret >= 0, "path: cannot open '", path_, "' as a video: ", av_error_text(ret));
-    ret = avformat_find_stream_info(d.fmt, nullptr);
-    TORCH_CHECK_VALUE(ret >= 0, "path: cannot read stream information from '", path_, "': ", av_error_text(ret));
-    ret = av_find_best_stream(d.fmt, AVMEDIA_TYPE_VIDEO, -1, -1, nullptr, 0);
-    TORCH_CHECK_VALUE(ret >= 0, "path: '", path_, "' has no video stream");
-    stream_index_ = ret;
+    if (is_main || std::strncmp(d.fmt->iformat->name, "mov,", 4) != 0) {
+      ret = avformat_find_stream_info(d.fmt, nullptr);
+      TORCH_CHECK_VALUE(ret >= 0, "path: cannot read stream information from '", path_, "': ", av_error_text(ret));
+    }
+    if (is_main) {
+      ret = av_find_best_stream(d.fmt, AVMEDIA_TYPE_VIDEO, -1, -1, nullptr, 0);
+      TORCH_CHECK_VALUE(ret >= 0, "path: '", path_, "' has no video stream");
+      stream_index_ = ret;
+    }
+    TORCH_CHECK(stream_index_ < static_cast<int>(d.fmt->nb_streams), "VideoReader: '", path_,
+                "' changed since it was opened");
     for (unsigned i = 0; i < d.fmt->nb_streams; ++i) {
       d.fmt->streams[i]->discard = static_cast<int>(i) == stream_index_ ? AVDISCARD_DEFAULT : AVDISCARD_ALL;
     }
   }
 
-  void scan_packets(Decoder& d) {
-    VIDFAST_NVTX_RANGE("decode/scan");
+  // What the packet scan records of a packet (the IDR test reads its bytes).
+  PacketInfo packet_info(const AVPacket* pkt) const {
+    const bool has_frame = pkt->size > 0 && !(pkt->flags & AV_PKT_FLAG_DISCARD);
+    const bool key = (pkt->flags & AV_PKT_FLAG_KEY) != 0;
+    return {pkt->pts, pkt->dts, pkt->pos, pkt->duration, key, key && safe_start_bytes(pkt->data, pkt->size),
+            has_frame};
+  }
+
+  // Whether a keyframe holding these bytes is a safe start: for H.264 / HEVC only IDR pictures.
+  bool safe_start_bytes(const uint8_t* data, int size) const {
     const AVCodecParameters* par = stream()->codecpar;
-    const bool nal_codec = par->codec_id == AV_CODEC_ID_H264 || par->codec_id == AV_CODEC_ID_HEVC;
-    const int nal_length = nal_length_size(par);
+    if (par->codec_id != AV_CODEC_ID_H264 && par->codec_id != AV_CODEC_ID_HEVC) return true;
+    return has_idr_nal(data, size, nal_length_size(par), par->codec_id == AV_CODEC_ID_HEVC);
+  }
+
+  // Lists the video packets by reading every packet of the file (no decoding).
+  void read_packets(Decoder& d) {
+    VIDFAST_NVTX_RANGE("decode/scan");
     int ret;
     while ((ret = av_read_frame(d.fmt, d.packet)) >= 0) {
-      if (d.packet->stream_index == stream_index_) {
-        const bool has_frame = d.packet->size > 0 && !(d.packet->flags & AV_PKT_FLAG_DISCARD);
-        const bool key = (d.packet->flags & AV_PKT_FLAG_KEY) != 0;
-        const bool safe = key && (!nal_codec || has_idr_nal(d.packet->data, d.packet->size, nal_length,
-                                                            par->codec_id == AV_CODEC_ID_HEVC));
-        packets_.push_back({d.packet->pts, d.packet->dts, d.packet->pos, d.packet->duration, key, safe, has_frame});
-      }
+      if (d.packet->stream_index == stream_index_) packets_.push_back(packet_info(d.packet));
       av_packet_unref(d.packet);
     }
     if (ret != AVERROR_EOF) scan_error_ = av_error_text(ret);
+  }
 
+  // Lists the video packets of an MP4/MOV file from the demuxer's sample index: each index entry is the packet
+  // av_read_frame returns (dts = entry timestamp, pos, size, keyframe and discard flags), and pts = dts + a
+  // constant shift + the sample's composition offset from the track's 'ctts' table, which the index does not
+  // keep. Only the keyframes' bytes are read (IDR test). Everything is checked: the index must map one to one
+  // onto the track's samples (same count and sizes, no fragments, every sample inside the file), and the packets
+  // av_read_frame returns at the start and over the last GOP must match the entries exactly. Returns false
+  // (packets_ empty, demuxer back at the start) where any check fails: then every packet is read.
+  bool packets_from_index(Decoder& d) {
+    VIDFAST_NVTX_RANGE("decode/index");
+    if (std::strncmp(d.fmt->iformat->name, "mov,", 4) != 0) return false;
+    if (index_packets(d)) return true;
+    packets_.clear();
+    avformat_close_input(&d.fmt);
+    open_input(d);
+    return false;
+  }
+
+  bool index_packets(Decoder& d) {
+    AVStream* st = d.fmt->streams[stream_index_];
+    const int64_t n = avformat_index_get_entries_count(st);
+    if (n <= 0) return false;
+    Mp4Track track;
+    if (!read_mp4_track(d.fmt->pb, st->id, &track)) return false;
+    if (static_cast<int64_t>(track.sizes.size()) != n) return false;
+    if (!track.offsets.empty() && static_cast<int64_t>(track.offsets.size()) != n) return false;
+    const int64_t file_size = avio_size(d.fmt->pb);
+    if (file_size <= 0) return false;
+    packets_.resize(n);
+    for (int64_t k = 0; k < n; ++k) {
+      const AVIndexEntry* e = avformat_index_get_entry(st, static_cast<int>(k));
+      if (!e || e->size != static_cast<int>(track.sizes[k]) || e->pos < 0 || e->pos + e->size > file_size) {
+        return false;
+      }
+      const bool key = (e->flags & AVINDEX_KEYFRAME) != 0;
+      const bool has_frame = e->size > 0 && !(e->flags & AVINDEX_DISCARD_FRAME);
+      // pts without the constant shift for now (found below from a real packet); duration unknown (0).
+      const int64_t offset = track.offsets.empty() ? 0 : track.offsets[k];
+      packets_[k] = {e->timestamp + offset, e->timestamp, e->pos, 0, key, false, has_frame};
+    }
+    // The first packets and the last GOP through the demuxer: they must be the index's entries, with one pts
+    // shift for all, and the demuxer must end where the index does.
+    int64_t shift = 0;
+    bool shift_known = false;
+    std::vector<uint8_t> checked(n, 0);
+    auto check = [&](int64_t k) {
+      PacketInfo got = packet_info(d.packet);
+      PacketInfo& want = packets_[k];
+      if (!shift_known) {
+        if (got.pts == kNoTs) return false;
+        shift = got.pts - want.pts, shift_known = true;
+      }
+      want.pts += shift;
+      if (got.pts != want.pts || got.dts != want.dts || got.pos != want.pos || got.key != want.key ||
+          got.has_frame != want.has_frame || d.packet->size != avformat_index_get_entry(st, k)->size) {
+        return false;
+      }
+      want.duration = got.duration;
+      want.safe_start = got.safe_start;
+      checked[k] = 1;
+      return true;
+    };
+    // Keyframes' bytes are read straight from the file below: the demuxer must not change them (no decryption).
+    auto file_bytes = [&](int64_t k, std::vector<uint8_t>* bytes) {
+      const AVIndexEntry* e = avformat_index_get_entry(st, static_cast<int>(k));
+      bytes->resize(e->size);
+      return avio_seek(d.fmt->pb, e->pos, SEEK_SET) == e->pos &&
+             avio_read(d.fmt->pb, bytes->data(), e->size) == e->size;
+    };
+    std::vector<uint8_t> bytes;
+    if (!file_bytes(0, &bytes)) return false;
+    const int64_t head = std::min<int64_t>(n, 64);
+    for (int64_t k = 0; k < head; ++k) {
+      if (!read_packet(d, stream_index_)) return false;
+      const bool ok = check(k) && (k > 0 || (d.packet->size == static_cast<int>(bytes.size()) &&
+                                             std::memcmp(d.packet->data, bytes.data(), bytes.size()) == 0));
+      av_packet_unref(d.packet);
+      if (!ok) return false;
+    }
+    int64_t from = head;  // the entry the demuxer returns next
+    int64_t tail = n - 1;
+    while (tail > head && !packets_[tail].key) --tail;
+    if (tail > head) {  // jump to the last keyframe (the seek lands on the keyframe at or before its dts)
+      if (av_seek_frame(d.fmt, stream_index_, packets_[tail].dts, AVSEEK_FLAG_BACKWARD) < 0) return false;
+      bool found = false;
+      while (!found && read_packet(d, stream_index_)) {
+        found = d.packet->pos == packets_[tail].pos && d.packet->dts == packets_[tail].dts;
+        const bool ok = !found || check(tail);
+        av_packet_unref(d.packet);
+        if (!ok) return false;
+      }
+      if (!found) return false;
+      from = tail + 1;
+    }
+    for (int64_t k = from; k < n; ++k) {
+      if (!read_packet(d, stream_index_)) return false;
+      const bool ok = check(k);
+      av_packet_unref(d.packet);
+      if (!ok) return false;
+    }
+    if (read_packet(d, stream_index_)) {  // more packets than entries
+      av_packet_unref(d.packet);
+      return false;
+    }
+    // Entries between the two read ranges: the same pts shift; keyframes' bytes read for the IDR test.
+    for (int64_t k = 0; k < n; ++k) {
+      PacketInfo& p = packets_[k];
+      if (checked[k]) continue;
+      p.pts += shift;
+      if (!p.key) continue;
+      if (!file_bytes(k, &bytes)) return false;
+      p.safe_start = safe_start_bytes(bytes.data(), static_cast<int>(bytes.size()));
+    }
+    // The last frame in presentation order needs its packet's duration (read above unless the GOPs are open).
+    int64_t last = -1;
+    for (int64_t k = 0; k < n; ++k) {
+      if (packets_[k].has_frame && (last < 0 || packets_[k].pts >= packets_[last].pts)) last = k;
+    }
+    return last >= 0 && checked[last];
+  }
+
+  // Sorts the listed packets into frames, and finds keyframes and seek points.
+  void plan_from_packets() {
     // Presentation order: frames sorted by pts. Without a pts on every packet (AVI), frames are taken in decode
     // order, which is presentation order only for streams without reordering (B-frames).
     all_pts_ = true;
@@ -655,6 +971,30 @@ class VideoReader : public torch::CustomClassHolder {
     }
   }
 
+  // Cuts a length-prefixed H.264 packet down to its NAL units that are not coded slices (parameter sets, SEI);
+  // false where there are none. Annex B packets are left whole (true).
+  bool keep_h264_headers(AVPacket* pkt) const {
+    const int nal_length = nal_length_size(stream()->codecpar);
+    if (nal_length == 0) return true;
+    TORCH_CHECK(av_packet_make_writable(pkt) >= 0, "VideoReader: out of memory");
+    int kept = 0;
+    for (int at = 0; at + nal_length < pkt->size;) {
+      int64_t len = 0;
+      for (int b = 0; b < nal_length; ++b) len = (len << 8) | pkt->data[at + b];
+      if (len <= 0 || at + nal_length + len > pkt->size) break;
+      const int unit = nal_length + static_cast<int>(len);
+      const int type = pkt->data[at + nal_length] & 0x1f;
+      if (type < 1 || type > 5) {  // 1..5: coded slices
+        std::memmove(pkt->data + kept, pkt->data + at, unit);
+        kept += unit;
+      }
+      at += unit;
+    }
+    std::memset(pkt->data + kept, 0, pkt->size - kept);
+    pkt->size = kept;
+    return kept > 0;
+  }
+
   static bool same_packet(const Decoder& d, const PacketInfo& p) {
     return d.packet->pts == p.pts && d.packet->dts == p.dts && d.packet->pos == p.pos;
   }
@@ -665,11 +1005,17 @@ class VideoReader : public torch::CustomClassHolder {
     if (!d.primed && sp.packet > 0) {
       // Decoders learn from the stream's first packet things that later packets rely on and a flush keeps (for
       // H.264, the x264 build in its SEI, which switches on workarounds for old encoder bugs: without it, 4:4:4
-      // streams from old x264 decode to garbage after a seek). Decode it once before the first seek elsewhere.
+      // streams from old x264 decode to garbage after a seek). Send it once before the first seek elsewhere; of
+      // length-prefixed H.264 only its parameter sets and SEI (no picture to decode).
       seek_to(d, {0, 0});
       d.held_packet = false;
-      if (avcodec_send_packet(d.codec, d.packet) >= 0) {
-        while (avcodec_receive_frame(d.codec, d.frame) == 0) av_frame_unref(d.frame);
+      const bool h264 = stream()->codecpar->codec_id == AV_CODEC_ID_H264;
+      if (!h264 || keep_h264_headers(d.packet)) {
+        // (H.264 reports a packet without a picture as an error unless non-reference pictures may be skipped.)
+        d.codec->skip_frame = h264 ? AVDISCARD_NONREF : AVDISCARD_DEFAULT;
+        if (avcodec_send_packet(d.codec, d.packet) >= 0) {
+          while (avcodec_receive_frame(d.codec, d.frame) == 0) av_frame_unref(d.frame);
+        }
       }
       av_packet_unref(d.packet);
     }
@@ -951,6 +1297,8 @@ class VideoReader : public torch::CustomClassHolder {
   std::vector<int64_t> keyframes_;
   std::vector<SeekPoint> seek_points_;
   int64_t num_frames_ = 0;
+  bool index_used_ = false;  // packets listed from the MP4/MOV sample index
+  int64_t decoders_used_ = 0;
   bool keys_known_ = false;
   bool all_pts_ = false;
   bool skip_nonref_ = false;
@@ -959,7 +1307,7 @@ class VideoReader : public torch::CustomClassHolder {
 
 TORCH_LIBRARY_FRAGMENT(vidfast, m) {
   m.class_<VideoReader>("VideoReader")
-      .def(torch::init<std::string, int64_t, int64_t>())
+      .def(torch::init<std::string, int64_t, int64_t, bool>())
       .def("num_frames", &VideoReader::num_frames)
       .def("width", &VideoReader::width)
       .def("height", &VideoReader::height)
@@ -971,6 +1319,9 @@ TORCH_LIBRARY_FRAGMENT(vidfast, m) {
       .def("keyframes", &VideoReader::keyframes)
       .def("timestamps", &VideoReader::timestamps)
       .def("scan_error", &VideoReader::scan_error)
+      .def("index_used", &VideoReader::index_used)
+      .def("decoders_used", &VideoReader::decoders_used)
+      .def("seek_frames", &VideoReader::seek_frames)
       .def("get_frames", &VideoReader::get_frames)
       .def("close", &VideoReader::close);
 }

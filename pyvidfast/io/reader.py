@@ -1,8 +1,8 @@
 """``VideoReader``: exact frames of a video as model-ready tensors, decoded by FFmpeg on the CPU or NVDEC.
 
 Frame ``i`` is the i-th frame a full sequential decode outputs (presentation order), whatever the container's
-headers or timestamps say. Opening a file scans its packets (no decoding) for the exact frame count and the
-keyframes; :meth:`VideoReader.get_frames` then decodes only what the requested frames need, forward only, and
+headers or timestamps say. Opening a file lists its packets (no decoding; for MP4/MOV from the demuxer's
+sample index, checked against the file) for the exact frame count and the keyframes; :meth:`VideoReader.get_frames` then decodes only what the requested frames need, forward only, and
 converts each requested frame in one fused pass (colour conversion, antialiased bilinear resize, normalization)
 straight into the output tensor.
 """
@@ -68,7 +68,8 @@ class VideoReader:
     DataLoader worker: a reader opened before a fork shares its file position with the children.
     """
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", threads: int = 0):
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", threads: int = 0, *,
+                 _read_all_packets: bool = False):
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"path: no such file: {path!r}")
@@ -78,7 +79,8 @@ class VideoReader:
             raise ValueError(f"threads: expected 0 (automatic) or a positive int; got {threads!r}")
         self.path = path
         self.device = torch.device(device)
-        self._reader = _reader_class()(path, _cuda_index(self.device), threads)
+        # _read_all_packets (tests): list packets by reading them even where the MP4/MOV sample index would do.
+        self._reader = _reader_class()(path, _cuda_index(self.device), threads, bool(_read_all_packets))
         r = self._reader
         self.metadata = VideoMetadata(
             num_frames=r.num_frames(), fps=r.fps(), duration=r.duration(), width=r.width(), height=r.height(),
