@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "common/nvtx.h"
@@ -133,6 +134,15 @@ struct HalfTile {
   int64_t ld;
 };
 
+// An operand of the score products (Q or K rows, `ld` apart): the 16-bit rows as they are where half tiles are in
+// use, else widened into `buffer`.
+template <typename scalar_t, typename acc_t>
+std::pair<HalfTile<scalar_t>, Tile<acc_t>> score_operand(bool half_tiles, const scalar_t* rows_ptr, int64_t ld,
+                                                          int64_t rows, int64_t d, acc_t* buffer) {
+  if (half_tiles) return {HalfTile<scalar_t>{rows_ptr, ld}, Tile<acc_t>{}};
+  return {HalfTile<scalar_t>{nullptr, ld}, load_tile(rows_ptr, ld, rows, d, buffer)};
+}
+
 // Row r of a 16-bit operand from float32 values: n of them, and a zero after an odd n (16-bit products take the
 // inner dimension in pairs).
 template <typename acc_t, typename scalar_t>
@@ -213,8 +223,7 @@ void forward_typed(const Params& p, const at::Tensor& q, const at::Tensor& k, co
       const SeqBounds s = bounds(cu_q, cu_k, task.seq);
       const int64_t h = task.head, hk = h / p.group(), i0 = task.row_begin, rows = task.rows;
       const scalar_t* q_rows = q_ptr + (s.q0 + i0) * qs0 + h * qs1;
-      const HalfTile<scalar_t> q16{half_tiles ? q_rows : nullptr, qs0};
-      const Tile<acc_t> qt = half_tiles ? Tile<acc_t>{} : load_tile(q_rows, qs0, rows, d, q_buf.data());
+      const auto [q16, qt] = score_operand(half_tiles, q_rows, qs0, rows, d, q_buf.data());
       std::fill(row_max.begin(), row_max.end(), -INFINITY);
       std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
       std::fill(acc.begin(), acc.begin() + rows * d, acc_t(0));
@@ -223,8 +232,7 @@ void forward_typed(const Params& p, const at::Tensor& q, const at::Tensor& k, co
         const int64_t n = std::min(kBlockK, keys - kb);
         const scalar_t* k_rows = k_ptr + (s.k0 + kb) * ks0 + hk * ks1;
         const scalar_t* v_rows = v_ptr + (s.k0 + kb) * vs0 + hk * vs1;
-        const HalfTile<scalar_t> k16{half_tiles ? k_rows : nullptr, ks0};
-        const Tile<acc_t> kt = half_tiles ? Tile<acc_t>{} : load_tile(k_rows, ks0, n, d, k_buf.data());
+        const auto [k16, kt] = score_operand(half_tiles, k_rows, ks0, n, d, k_buf.data());
         score_tile(p, s, i0, kb, rows, n, d, scale, qt, kt, q16, k16, pack.data(), probs.data(),
                    [&](int64_t r, acc_t* row, int64_t valid) {
                      if (valid > 0) {
@@ -341,8 +349,7 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
             const int64_t n = std::min(kBlockK, keys - kb);
             const scalar_t* k_rows = k_ptr + (s.k0 + kb) * ks0 + hk * ks1;
             const scalar_t* v_rows = v_ptr + (s.k0 + kb) * vs0 + hk * vs1;
-            const HalfTile<scalar_t> k16{half_tiles ? k_rows : nullptr, ks0};
-            const Tile<acc_t> kt = half_tiles ? Tile<acc_t>{} : load_tile(k_rows, ks0, n, d, k_buf.data());
+            const auto [k16, kt] = score_operand(half_tiles, k_rows, ks0, n, d, k_buf.data());
             const Tile<acc_t> vt = half_tiles ? Tile<acc_t>{} : load_tile(v_rows, vs0, n, d, v_buf.data());
             // The forward's scores to the last bit, so P matches the forward's lse.
             score_tile(p, s, i0, kb, rows, n, d, scale, qt, kt, q16, k16, pack.data(), probs.data(),
