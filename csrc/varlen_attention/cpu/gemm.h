@@ -70,6 +70,13 @@ bool brgemm_works() {
   return works;
 }
 
+// Drops the hardware state brgemm may leave on this thread (the AMX tile configuration on CPUs that have AMX), as
+// PyTorch's own kernels do after their tiles.
+inline void release_brgemm() {
+  if (brgemm_works<float>()) at::native::cpublas::brgemm_release(false);
+  if (brgemm_works<at::BFloat16>() || brgemm_works<at::Half>()) at::native::cpublas::brgemm_release(true);
+}
+
 namespace CPU_CAPABILITY {
 
 // dst[j * ld_dst + i] = scale * src[i * ld_src + j] for i < rows, j < cols (an optionally scaled transpose, or copy

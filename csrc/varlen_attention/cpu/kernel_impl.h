@@ -33,11 +33,13 @@ void parallel_dynamic(int64_t num_tasks, const Worker& worker) {
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_tasks);
   if (workers == 1) {
     worker(next);  // one task: BLAS may use every thread inside it
+    release_brgemm();
     return;
   }
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const SingleThreadedBlas single_threaded;
     worker(next);
+    release_brgemm();
   });
 }
 
