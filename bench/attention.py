@@ -186,7 +186,33 @@ def main():
         + f", {torch.get_num_threads()} threads")
     print(table)
     path = write_json("attention", {"matmul_limit": limits, "results": results, "table": table})
-    print(f"wrote {path}")
+    print(f"wrote {path} and {plot(results, path.with_suffix('.png'))}")
+
+
+def plot(results: list[dict], out: Path) -> Path:
+    """Bar chart: ms per call of ours and each PyTorch path, per workload, dtype and pass (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = ["ours", "padded", "loop", "nested"]
+    labels = [f"{r['workload']}\n{r['dtype'].replace('torch.', '')} {r['pass']}" for r in results]
+    fig, ax = plt.subplots(figsize=(max(8, len(results) * 0.7), 4.5))
+    width = 0.8 / len(paths)
+    for k, name in enumerate(paths):
+        ax.bar([i + k * width for i in range(len(results))], [r["paths"][name]["median_ms"] for r in results], width,
+               label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))])
+    ax.set_xticklabels(labels, fontsize=7, rotation=45, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per call (lower is better)")
+    ax.set_title("Varlen attention on the CPU, ViT-B heads (12 x 64)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 if __name__ == "__main__":
