@@ -9,7 +9,7 @@ forward, and forward + backward. Peers, timed in the same run on the same tensor
   loop    - one SDPA call per sequence on views of the packed tensors;
   nested  - SDPA on a jagged nested tensor (torch.nested, layout=torch.jagged).
 GFLOP/s counts useful work only: 4 L^2 H D per sequence forward, 2.5x that for the backward pass. "peak MiB" is the
-rise of the process's peak resident memory during one call (outputs and gradients included). Run: python bench/attention.py [--quick]
+rise of the process's peak resident memory during one call (outputs and gradients included). Run: python -m bench.attention [--quick]
 """
 
 import argparse
@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.common import markdown_table, matmul_rate, time_fn, write_json  # noqa: E402
+from bench.common import grouped_bar_chart, markdown_table, matmul_rate, time_fn, write_json  # noqa: E402
 from pyvidfast.ops import rlt_tokenize, varlen_attention  # noqa: E402
 from pyvidfast.io import decode_frames  # noqa: E402
 from pyvidfast.samples import CLIPS, sample_path  # noqa: E402
@@ -191,28 +191,10 @@ def main():
 
 def plot(results: list[dict], out: Path) -> Path:
     """Bar chart: ms per call of ours and each PyTorch path, per workload, dtype and pass (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = ["ours", "padded", "loop", "nested"]
     labels = [f"{r['workload']}\n{r['dtype'].replace('torch.', '')} {r['pass']}" for r in results]
-    fig, ax = plt.subplots(figsize=(max(8, len(results) * 0.7), 4.5))
-    width = 0.8 / len(paths)
-    for k, name in enumerate(paths):
-        ax.bar([i + k * width for i in range(len(results))], [r["paths"][name]["median_ms"] for r in results], width,
-               label=name)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))])
-    ax.set_xticklabels(labels, fontsize=7, rotation=45, ha="right")
-    ax.set_yscale("log")
-    ax.set_ylabel("ms per call (lower is better)")
-    ax.set_title("Varlen attention on the CPU, ViT-B heads (12 x 64)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    series = {name: [r["paths"][name]["median_ms"] for r in results] for name in ("ours", "padded", "loop", "nested")}
+    return grouped_bar_chart(labels, series, "ms per call (lower is better)",
+                             "Varlen attention on the CPU, ViT-B heads (12 x 64)", out)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 mask), a per-sequence SDPA loop, and torch.nn.attention.varlen.varlen_attn where this torch has it. Every timed
 call sits in an NVTX range (domain "pyvidfast"), so the script is ready for Nsight Systems:
 
-    VIDFAST_NVTX=1 nsys profile -t cuda,nvtx -o attention python bench/attention_gpu.py
+    VIDFAST_NVTX=1 nsys profile -t cuda,nvtx -o attention python -m bench.attention_gpu
 
 Workloads: ViT-B heads (12 x 64) with RLT's real kept lengths on 8 clips of 16 x 224 x 224 and synthetic spreads;
 bfloat16 and float16; forward and forward + backward. FLOPs count useful work (4 L^2 H D per sequence forward,

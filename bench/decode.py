@@ -8,7 +8,7 @@ Clips: the real sample clips, and a 10-minute clip made by looping bikes.mp4 wit
 cached next to the samples). Cases: 16 frames uniform, 16 frames at stride 4 from a random start (the same start
 for every reader), one frame per second.
 
-    python bench/decode.py [--repeats 5] [--quick]
+    python -m bench.decode [--repeats 5] [--quick]
 """
 
 import argparse
@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the source tree's pyvidfast (make build puts _C.so there)
-from common import markdown_table, write_json  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the source tree's pyvidfast (make build puts _C.so there)
+from bench.common import grouped_bar_chart, markdown_table, write_json  # noqa: E402
 
 import pyvidfast  # noqa: E402,F401
 from pyvidfast import samples  # noqa: E402
@@ -197,28 +196,12 @@ def main():
 
 def plot(results: list[dict], out: Path) -> Path:
     """Bar chart: frames/s of each reader per clip and case (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cases = list(dict.fromkeys((r["clip"].split(" ")[0], r["case"]) for r in results))
     readers = list(dict.fromkeys(r["reader"] for r in results))
     fps = {(r["clip"].split(" ")[0], r["case"], r["reader"]): r["frames_per_s"] for r in results}
-    fig, ax = plt.subplots(figsize=(max(8, len(cases) * 0.9), 4.5))
-    width = 0.8 / len(readers)
-    for k, reader in enumerate(readers):
-        ax.bar([i + k * width for i in range(len(cases))], [fps[c + (reader,)] for c in cases], width, label=reader)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-    ax.set_xticklabels([f"{clip}\n{case}" for clip, case in cases], fontsize=7, rotation=45, ha="right")
-    ax.set_yscale("log")
-    ax.set_ylabel("frames/s (224x224, normalized)")
-    ax.set_title("Frame sampling on the CPU, one reader per call")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    series = {reader: [fps[c + (reader,)] for c in cases] for reader in readers}
+    return grouped_bar_chart([f"{clip}\n{case}" for clip, case in cases], series, "frames/s (224x224, normalized)",
+                             "Frame sampling on the CPU, one reader per call", out)
 
 
 if __name__ == "__main__":
