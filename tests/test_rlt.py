@@ -193,6 +193,33 @@ def test_negative_threshold_keeps_everything_and_matches_conv3d():
     torch.testing.assert_close(packed_embed, dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_every_schedule_and_thread_count_gives_the_reference(threads):
+    # The CPU kernel masks and gathers either one after the other on all threads or side by side, and picks by
+    # timing itself, trying the other schedule every 16th call: 20 calls run both. More threads than cores must
+    # not stall the gatherers that wait for published rows.
+    video = planted_video(3, 16, 64, 80)  # 96 token rows: several mask chunks and gather claims
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        keep, first = assert_matches_reference(video)
+        for _ in range(20):
+            again = rlt_tokenize(video)
+            assert torch.equal(again.patches, first.patches) and torch.equal(again.positions, first.positions)
+            assert torch.equal(again.lengths, first.lengths) and torch.equal(again.cu_seqlens, first.cu_seqlens)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_patches_own_exactly_their_bytes():
+    # Patches are written into a buffer sized for every token before the count is known, then trimmed.
+    video = planted_video(2, 8, 64, 64)
+    packed = rlt_tokenize(video)
+    assert packed.patches.untyped_storage().nbytes() == packed.patches.numel() * 4
+    assert packed.patches.is_contiguous() and packed.patches.storage_offset() == 0
+    assert packed.patches.shape[0] < 2 * 4 * 4 * 4
+
+
 def test_empty_batch_and_noncontiguous_input():
     out = rlt_tokenize(torch.zeros((0, 4, 32, 32, 3), dtype=torch.uint8))
     assert out.patches.shape == (0, 1536) and out.cu_seqlens.tolist() == [0]

@@ -83,4 +83,16 @@ inline at::Tensor empty_cpu_huge_pages(at::IntArrayRef sizes, const at::TensorOp
       block.data, sizes, [block](void*) { HugePageBlocks::instance().give_back(block); }, options.device(at::kCPU));
 }
 
+// The first `rows` rows of `buffer` as a tensor of its own, whose storage reports only their bytes: outputs whose
+// length depends on the data are written into a buffer sized for the bound, then trimmed without a copy. The
+// whole buffer is freed with the tensor.
+inline at::Tensor first_rows(const at::Tensor& buffer, int64_t rows) {
+  TORCH_INTERNAL_ASSERT(buffer.is_contiguous() && buffer.storage_offset() == 0 && rows <= buffer.size(0));
+  std::vector<int64_t> sizes = buffer.sizes().vec();
+  sizes[0] = rows;
+  c10::Storage storage = buffer.storage();
+  storage.set_nbytes(size_t(rows * buffer.stride(0)) * buffer.element_size());
+  return at::empty({0}, buffer.options()).set_(storage, 0, sizes, {});
+}
+
 }  // namespace vidfast

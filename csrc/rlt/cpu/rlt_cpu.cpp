@@ -1,13 +1,19 @@
 // CPU kernels of rlt_mask and rlt_tokenize: a pass over rows of tokens computes the keep mask from patch
-// distances, a pass over columns gives run lengths, and a pass over rows gathers and normalizes the kept patches.
+// distances, a pass over columns gives run lengths, and (rlt_tokenize) a pass over rows, after or beside the mask,
+// gathers and normalizes the kept patches.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -42,6 +48,13 @@ bool cpu_has_avx512() {
   return has;
 }
 #endif
+
+// Tells the core that this thread is spinning, so a sibling hyperthread gets the cycles.
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  _mm_pause();
+#endif
+}
 
 // Sums of |later - earlier| down `rows` image rows, for each of the row_len bytes of a row (contiguous, so the
 // loop vectorizes). acc_t is uint16_t while rows * 255 fits, int32_t beyond.
@@ -196,13 +209,15 @@ VIDFAST_CPU_CLONES void keep_row_float(const Params& p, const scalar_t* video, i
   }
 }
 
-// Phase 1: the keep mask, one task per row (b, t', h').
-void compute_keep(const Params& p, const at::Tensor& video, bool* keep) {
-  VIDFAST_NVTX_RANGE("rlt/mask");
+// Writes the keep mask of token rows [begin, end), rows being (b, t', h') in raster order. Each call owns its
+// scratch, so threads may call it on disjoint ranges.
+using MaskRows = std::function<void(int64_t begin, int64_t end)>;
+
+MaskRows make_mask_rows(const Params& p, const at::Tensor& video, bool* keep) {
   const Grid& g = p.grid;
-  const int64_t rows = g.batch * g.tp * g.hp;
-  auto row_task = [&](auto keep_row, auto* data, auto& acc) {
-    return [&, keep_row, data](int64_t begin, int64_t end) {
+  auto rows_with = [&p, &g, keep](auto keep_row, auto* data, auto acc_zero) -> MaskRows {
+    return [&p, &g, keep, keep_row, data](int64_t begin, int64_t end) {
+      std::vector<decltype(acc_zero)> acc;
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / (g.tp * g.hp), t = (r / g.hp) % g.tp, h = r % g.hp;
         bool* k = keep + r * g.wp;
@@ -215,23 +230,127 @@ void compute_keep(const Params& p, const at::Tensor& video, bool* keep) {
     };
   };
   if (p.is_uint8) {
-    auto run = [&](auto acc_zero) {
-      using acc_t = decltype(acc_zero);
-      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> acc;
-        row_task(keep_row_uint8<acc_t>, video.data_ptr<uint8_t>(), acc)(begin, end);
-      });
-    };
-    g.patch * 255 <= 65535 ? run(uint16_t(0)) : run(int32_t(0));
-  } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, video.scalar_type(), "rlt_mask_cpu", [&] {
-      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-        std::vector<double> acc;
-        row_task(keep_row_float<scalar_t>, video.data_ptr<scalar_t>(), acc)(begin, end);
-      });
-    });
+    const uint8_t* data = video.data_ptr<uint8_t>();
+    return g.patch * 255 <= 65535 ? rows_with(keep_row_uint8<uint16_t>, data, uint16_t(0))
+                                  : rows_with(keep_row_uint8<int32_t>, data, int32_t(0));
   }
+  MaskRows mask_rows;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, video.scalar_type(), "rlt_mask_cpu", [&] {
+    mask_rows = rows_with(keep_row_float<scalar_t>, video.data_ptr<scalar_t>(), double(0));
+  });
+  return mask_rows;
 }
+
+// rlt_mask's phase 1: the keep mask, one task per row.
+void compute_keep(const Params& p, const at::Tensor& video, bool* keep) {
+  VIDFAST_NVTX_RANGE("rlt/mask");
+  const MaskRows mask_rows = make_mask_rows(p, video, keep);
+  at::parallel_for(0, p.grid.batch * p.grid.tp * p.grid.hp, 1, mask_rows);
+}
+
+// gather(r, first slot of row r, begin, end) copies the kept tokens of row r whose output slots are in
+// [begin, end).
+using GatherTokens = std::function<void(int64_t, int64_t, int64_t, int64_t)>;
+
+// rlt_tokenize's two schedules of mask and gather; both fill row_start (rows + 1 entries: the output slot of each
+// row's first kept token, a scan in raster order) and gather every kept token.
+//
+// Mask first: all threads mask, then all gather, each a contiguous share of the tokens (not of the rows: clips
+// keep very different shares).
+void mask_then_gather(int64_t rows, int64_t wp, const bool* keep, const MaskRows& mask_rows,
+                      std::vector<int64_t>& row_start, const GatherTokens& gather) {
+  {
+    VIDFAST_NVTX_RANGE("rlt/mask");
+    at::parallel_for(0, rows, 1, mask_rows);
+  }
+  row_start.assign(rows + 1, 0);
+  for (int64_t r = 0; r < rows; ++r) row_start[r + 1] = row_start[r] + std::count(keep + r * wp, keep + (r + 1) * wp, true);
+  VIDFAST_NVTX_RANGE("rlt/gather");
+  at::parallel_for(0, row_start[rows], 64, [&](int64_t begin, int64_t end) {
+    int64_t r = std::upper_bound(row_start.begin(), row_start.end(), begin) - row_start.begin() - 1;
+    for (; r < rows && row_start[r] < end; ++r) {
+      gather(r, row_start[r], std::max(begin, row_start[r]), std::min(end, row_start[r + 1]));
+    }
+#if defined(VIDFAST_RLT_X86)
+    _mm_sfence();  // orders any streaming stores before the join
+#endif
+  });
+}
+
+// Mask beside gather: one thread masks blocks of rows in raster order and publishes their slots while the others
+// gather the published rows, a block at a time; the masker gathers too once the mask is done.
+void mask_beside_gather(int64_t rows, int64_t wp, const bool* keep, const MaskRows& mask_rows,
+                        std::vector<int64_t>& row_start, const GatherTokens& gather) {
+  constexpr int64_t kRowsPerBlock = 8;  // blocks keep the threads off each other's cache lines
+  alignas(64) std::atomic<int64_t> published_rows{0};
+  alignas(64) std::atomic<int64_t> next_block{0};
+  row_start.assign(rows + 1, 0);
+  auto mask_role = [&] {
+    VIDFAST_NVTX_RANGE("rlt/mask");
+    for (int64_t begin = 0; begin < rows; begin += kRowsPerBlock) {
+      const int64_t end = std::min(rows, begin + kRowsPerBlock);
+      mask_rows(begin, end);
+      for (int64_t r = begin; r < end; ++r) {
+        row_start[r + 1] = row_start[r] + std::count(keep + r * wp, keep + (r + 1) * wp, true);
+      }
+      published_rows.store(end, std::memory_order_release);
+    }
+  };
+  auto gather_role = [&] {
+    VIDFAST_NVTX_RANGE("rlt/gather");
+    for (int64_t begin; (begin = next_block.fetch_add(1) * kRowsPerBlock) < rows;) {
+      const int64_t end = std::min(rows, begin + kRowsPerBlock);
+      // The masker is running and waits on no one, so this wait ends; it is rare, as masking a row costs a
+      // fraction of gathering it.
+      for (int spins = 0; published_rows.load(std::memory_order_acquire) < end; ++spins) {
+        if (spins < 1000) {
+          cpu_relax();
+        } else {
+          std::this_thread::yield();
+        }
+      }
+      for (int64_t r = begin; r < end; ++r) gather(r, row_start[r], row_start[r], row_start[r + 1]);
+    }
+#if defined(VIDFAST_RLT_X86)
+    _mm_sfence();
+#endif
+  };
+  // Where the pool runs fewer threads than asked, one call covers several workers and masks before it gathers.
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t begin, int64_t) {
+    if (begin == 0) mask_role();
+    gather_role();
+  });
+}
+
+// Which schedule is faster depends on the machine's state, not on the input. Where the streaming stores of one
+// thread already fill the memory bus (a neighbour loading it, few channels), masking beside the gather hides the
+// mask: ~15% faster on the 2-core build machine. Where two threads write twice as fast, masking first is ~15%
+// faster, as a mask pass beside streaming stores runs slower. So calls time themselves, in ns per output byte
+// averaged over recent calls of each schedule, use the faster one and try the other every kExploreEvery calls.
+class ScheduleChooser {
+ public:
+  static constexpr uint64_t kExploreEvery = 16;
+  enum Schedule { kMaskFirst = 0, kMaskBeside = 1 };
+  struct Choice {
+    Schedule schedule;
+    bool timed;  // the process's first call pays the output's page faults, so it does not count
+  };
+
+  Choice pick() {
+    const uint64_t call = calls_.fetch_add(1);
+    const Schedule best = cost_[kMaskBeside].load() < cost_[kMaskFirst].load() ? kMaskBeside : kMaskFirst;
+    const bool explore = call % kExploreEvery == kExploreEvery - 1 || cost_[kMaskBeside].load() == 0.0;
+    return {explore ? Schedule(1 - best) : best, call > 0};
+  }
+  void record(Schedule s, double ns_per_byte) {
+    const double old = cost_[s].load();
+    cost_[s].store(old == 0.0 ? ns_per_byte : 0.75 * old + 0.25 * ns_per_byte);
+  }
+
+ private:
+  std::atomic<uint64_t> calls_{0};
+  std::atomic<double> cost_[2] = {0.0, 0.0};  // 0: not measured yet
+};
 
 // Phase 2: run lengths, one task per column (b, h', w').
 void compute_lengths(const Grid& g, const bool* keep, int32_t* lengths) {
@@ -246,25 +365,18 @@ void compute_lengths(const Grid& g, const bool* keep, int32_t* lengths) {
   });
 }
 
-std::tuple<Params, at::Tensor, at::Tensor, at::Tensor> mask_and_lengths(
-    const at::Tensor& video_in, int64_t tubelet, int64_t patch, double threshold, at::ArrayRef<double> mean,
-    at::ArrayRef<double> std, std::optional<at::ScalarType> out_dtype) {
-  Params p = check_arguments(video_in, tubelet, patch, threshold, mean, std, out_dtype);
+std::tuple<at::Tensor, at::Tensor> rlt_mask_cpu(const at::Tensor& video_in, int64_t tubelet, int64_t patch,
+                                                double threshold, at::ArrayRef<double> mean,
+                                                at::ArrayRef<double> std) {
+  const Params p = check_arguments(video_in, tubelet, patch, threshold, mean, std, std::nullopt);
   const Grid& g = p.grid;
-  at::Tensor video = video_in.contiguous();
+  const at::Tensor video = video_in.contiguous();
   auto keep = at::empty({g.batch, g.tp, g.hp, g.wp}, video.options().dtype(at::kBool));
   auto lengths = at::empty({g.batch, g.tp, g.hp, g.wp}, video.options().dtype(at::kInt));
   if (keep.numel() > 0) {
     compute_keep(p, video, keep.data_ptr<bool>());
     compute_lengths(g, keep.data_ptr<bool>(), lengths.data_ptr<int32_t>());
   }
-  return {p, video, keep, lengths};
-}
-
-std::tuple<at::Tensor, at::Tensor> rlt_mask_cpu(const at::Tensor& video, int64_t tubelet, int64_t patch,
-                                                double threshold, at::ArrayRef<double> mean,
-                                                at::ArrayRef<double> std) {
-  auto [p, contiguous, keep, lengths] = mask_and_lengths(video, tubelet, patch, threshold, mean, std, std::nullopt);
   return {keep, lengths};
 }
 
@@ -436,21 +548,21 @@ VIDFAST_AVX512 void gather_token_uint8_p16_avx512(const Grid& g, const uint8_t* 
   }
 }
 
-// Runs gather_rows with the widest vector token gather where out_t is one it writes; false where it is not.
-template <typename out_t, typename GatherRows>
+// Runs gather_with with the widest vector token gather where out_t is one it writes; false where it is not.
+template <typename out_t, typename GatherWith>
 bool gather_uint8_p16_vector(const Grid& g, const uint8_t* video, const Params& p, out_t* out,
-                             GatherRows& gather_rows) {
+                             GatherWith& gather_with) {
   if constexpr (std::is_same_v<out_t, double>) {
     return false;
   } else {
     TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(out) % 64 == 0, "rlt_tokenize: unaligned output");
     const U8Normalizer<float> norm(p.mean, p.std);
     if (cpu_has_avx512()) {
-      gather_rows([&](int64_t b, int64_t t, int64_t h, int64_t w, out_t* dst) {
+      gather_with([&](int64_t b, int64_t t, int64_t h, int64_t w, out_t* dst) {
         gather_token_uint8_p16_avx512<out_t>(g, video, norm, b, t, h, w, dst);
       }, out);
     } else {
-      gather_rows([&](int64_t b, int64_t t, int64_t h, int64_t w, out_t* dst) {
+      gather_with([&](int64_t b, int64_t t, int64_t h, int64_t w, out_t* dst) {
         gather_token_uint8_p16_avx2<out_t>(g, video, norm, b, t, h, w, dst);
       }, out);
     }
@@ -490,80 +602,94 @@ void with_patch_size(int64_t patch, Fn&& fn) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rlt_tokenize_cpu(
     const at::Tensor& video_in, int64_t tubelet, int64_t patch, double threshold, at::ArrayRef<double> mean,
     at::ArrayRef<double> std, std::optional<at::ScalarType> out_dtype) {
-  auto [p, video, keep, lengths] = mask_and_lengths(video_in, tubelet, patch, threshold, mean, std, out_dtype);
+  const Params p = check_arguments(video_in, tubelet, patch, threshold, mean, std, out_dtype);
   const Grid& g = p.grid;
-  const int64_t rows = g.batch * g.tp * g.hp;
-  const bool* keep_ptr = keep.data_ptr<bool>();
-  // Output slot of each row's first kept token: an exclusive scan over rows in (b, t', h') raster order.
-  std::vector<int64_t> row_start(rows + 1, 0);
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t count = 0;
-    for (int64_t w = 0; w < g.wp; ++w) count += keep_ptr[r * g.wp + w];
-    row_start[r + 1] = row_start[r] + count;
+  const at::Tensor video = video_in.contiguous();
+  const auto options = video.options();
+  const int64_t rows = g.batch * g.tp * g.hp, dim = g.patch_dim();
+  auto keep = at::empty({g.batch, g.tp, g.hp, g.wp}, options.dtype(at::kBool));
+  bool* keep_ptr = keep.data_ptr<bool>();
+  // Gathering starts before the token count is known, so patches go to a buffer for every token, trimmed after.
+  const at::Tensor patches_bound = empty_cpu_huge_pages({rows * g.wp, dim}, options.dtype(p.out_dtype));
+  std::vector<int64_t> row_start(rows + 1, 0);  // output slot of each row's first kept token
+
+  static ScheduleChooser choosers[2];  // uint8 and floating input cost differently per output byte
+  ScheduleChooser& chooser = choosers[p.is_uint8];
+  const ScheduleChooser::Choice choice = chooser.pick();
+  const auto start = std::chrono::steady_clock::now();
+  // Runs the chosen schedule with gather_token(b, t', h', w', destination) copying one token.
+  auto gather_with = [&](auto gather_token, auto* out) {
+    const GatherTokens gather = [&](int64_t r, int64_t slot, int64_t begin, int64_t end) {
+      const int64_t b = r / (g.tp * g.hp), t = (r / g.hp) % g.tp, h = r % g.hp;
+      for (int64_t w = 0; w < g.wp && slot < end; ++w) {
+        if (!keep_ptr[r * g.wp + w]) continue;
+        if (slot >= begin) gather_token(b, t, h, w, out + slot * dim);
+        ++slot;
+      }
+    };
+    const MaskRows mask_rows = make_mask_rows(p, video, keep_ptr);
+    if (choice.schedule == ScheduleChooser::kMaskBeside) {
+      mask_beside_gather(rows, g.wp, keep_ptr, mask_rows, row_start, gather);
+    } else {
+      mask_then_gather(rows, g.wp, keep_ptr, mask_rows, row_start, gather);
+    }
+  };
+  if (rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.out_dtype, "rlt_tokenize_cpu", [&] {
+      using out_t = scalar_t;
+      out_t* out = patches_bound.data_ptr<out_t>();
+      with_patch_size(g.patch, [&](auto patch_constant) {
+        constexpr int kPatch = decltype(patch_constant)::value;
+        if (p.is_uint8) {
+          const uint8_t* data = video.data_ptr<uint8_t>();
+          const U8Normalizer<acc_type<out_t, uint8_t>> norm(p.mean, p.std);
+#if defined(VIDFAST_RLT_X86)
+          if (kPatch == 16 && cpu_has_avx2() && gather_uint8_p16_vector(g, data, p, out, gather_with)) return;
+#endif
+          gather_with([&](int64_t b, int64_t t, int64_t h, int64_t w,
+                          out_t* dst) { gather_token_uint8<kPatch, out_t>(g, data, norm, b, t, h, w, dst); },
+                      out);
+        } else {
+          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, video.scalar_type(), "rlt_tokenize_cpu_in", [&] {
+            const scalar_t* data = video.data_ptr<scalar_t>();
+            gather_with([&](int64_t b, int64_t t, int64_t h, int64_t w,
+                            out_t* dst) { gather_token_float<kPatch, scalar_t, out_t>(g, data, b, t, h, w, dst); },
+                        out);
+          });
+        }
+      });
+    });
   }
+
   const int64_t n = row_start[rows];
-  auto options = video.options();
-  auto patches = empty_cpu_huge_pages({n, g.patch_dim()}, options.dtype(p.out_dtype));
+  if (choice.timed && n > 0) {
+    const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start).count();
+    chooser.record(choice.schedule, ns / double(n * dim * c10::elementSize(p.out_dtype)));
+  }
+
+  // Per-token metadata, once every mask is known (a run length looks at later tubelets).
+  auto lengths = at::empty({g.batch, g.tp, g.hp, g.wp}, options.dtype(at::kInt));
+  compute_lengths(g, keep_ptr, lengths.data_ptr<int32_t>());
   auto positions = at::empty({n, 3}, options.dtype(at::kInt));
   auto token_lengths = at::empty({n}, options.dtype(at::kInt));
-  auto cu_seqlens = at::empty({g.batch + 1}, options.dtype(at::kInt));
-  for (int64_t b = 0; b <= g.batch; ++b) cu_seqlens.data_ptr<int32_t>()[b] = int32_t(row_start[b * g.tp * g.hp]);
-  if (n == 0) return {patches, positions, token_lengths, cu_seqlens};
-
-  VIDFAST_NVTX_RANGE("rlt/gather");
   const int32_t* len_ptr = lengths.data_ptr<int32_t>();
   int32_t* pos_out = positions.data_ptr<int32_t>();
   int32_t* len_out = token_lengths.data_ptr<int32_t>();
-  const int64_t dim = g.patch_dim();
-  // Threads split the kept tokens, not the rows: clips keep very different shares, so equal row ranges would
-  // leave one thread with most of the copying.
-  auto gather_rows = [&](auto gather_token, auto* out) {
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-      int64_t r = std::upper_bound(row_start.begin(), row_start.end(), begin) - row_start.begin() - 1;
-      for (int64_t slot = row_start[r]; slot < end; ++r) {
-        const int64_t b = r / (g.tp * g.hp), t = (r / g.hp) % g.tp, h = r % g.hp;
-        for (int64_t w = 0; w < g.wp && slot < end; ++w) {
-          if (!keep_ptr[r * g.wp + w]) continue;
-          if (slot >= begin) {
-            pos_out[3 * slot] = int32_t(t);
-            pos_out[3 * slot + 1] = int32_t(h);
-            pos_out[3 * slot + 2] = int32_t(w);
-            len_out[slot] = len_ptr[r * g.wp + w];
-            gather_token(b, t, h, w, out + slot * dim);
-          }
-          ++slot;
-        }
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = (r / g.hp) % g.tp, h = r % g.hp;
+      for (int64_t w = 0, slot = row_start[r]; w < g.wp; ++w) {
+        if (!keep_ptr[r * g.wp + w]) continue;
+        pos_out[3 * slot] = int32_t(t);
+        pos_out[3 * slot + 1] = int32_t(h);
+        pos_out[3 * slot + 2] = int32_t(w);
+        len_out[slot++] = len_ptr[r * g.wp + w];
       }
-#if defined(VIDFAST_RLT_X86)
-      _mm_sfence();  // orders any streaming stores before the join
-#endif
-    });
-  };
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.out_dtype, "rlt_tokenize_cpu", [&] {
-    using out_t = scalar_t;
-    out_t* out = patches.data_ptr<out_t>();
-    with_patch_size(g.patch, [&](auto patch_constant) {
-      constexpr int kPatch = decltype(patch_constant)::value;
-      if (p.is_uint8) {
-        const uint8_t* data = video.data_ptr<uint8_t>();
-        const U8Normalizer<acc_type<out_t, uint8_t>> norm(p.mean, p.std);
-#if defined(VIDFAST_RLT_X86)
-        if (kPatch == 16 && cpu_has_avx2() && gather_uint8_p16_vector(g, data, p, out, gather_rows)) return;
-#endif
-        gather_rows([&](int64_t b, int64_t t, int64_t h, int64_t w,
-                        out_t* dst) { gather_token_uint8<kPatch, out_t>(g, data, norm, b, t, h, w, dst); },
-                    out);
-      } else {
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, video.scalar_type(), "rlt_tokenize_cpu_in", [&] {
-          const scalar_t* data = video.data_ptr<scalar_t>();
-          gather_rows([&](int64_t b, int64_t t, int64_t h, int64_t w,
-                          out_t* dst) { gather_token_float<kPatch, scalar_t, out_t>(g, data, b, t, h, w, dst); },
-                      out);
-        });
-      }
-    });
+    }
   });
-  return {patches, positions, token_lengths, cu_seqlens};
+  auto cu_seqlens = at::empty({g.batch + 1}, options.dtype(at::kInt));
+  for (int64_t b = 0; b <= g.batch; ++b) cu_seqlens.data_ptr<int32_t>()[b] = int32_t(row_start[b * g.tp * g.hp]);
+  return {first_rows(patches_bound, n), positions, token_lengths, cu_seqlens};
 }
 
 }  // namespace
