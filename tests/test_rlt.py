@@ -196,8 +196,8 @@ def test_negative_threshold_keeps_everything_and_matches_conv3d():
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
 def test_every_schedule_and_thread_count_gives_the_reference(threads):
     # The CPU kernel masks and gathers either one after the other on all threads or side by side, and picks by
-    # timing itself, trying the other schedule every 16th call: 20 calls run both. More threads than cores must
-    # not stall the gatherers that wait for published rows.
+    # timing itself (alternating over its first calls, then trying the other schedule every 8th call): 20
+    # calls run both. More threads than cores must not stall the gatherers that wait for published rows.
     video = planted_video(3, 16, 64, 80)  # 96 token rows: several mask chunks and gather claims
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -326,10 +326,11 @@ void mask_beside_gather(int64_t rows, int64_t wp, const bool* keep, const MaskRo
 // thread already fill the memory bus (a neighbour loading it, few channels), masking beside the gather hides the
 // mask: ~15% faster on the 2-core build machine. Where two threads write twice as fast, masking first is ~15%
 // faster, as a mask pass beside streaming stores runs slower. So calls time themselves, in ns per output byte
-// averaged over recent calls of each schedule, use the faster one and try the other every kExploreEvery calls.
+// averaged over recent calls of each schedule: the first kLearnCalls alternate, then calls use the faster one
+// and try the other every kExploreEvery calls.
 class ScheduleChooser {
  public:
-  static constexpr uint64_t kExploreEvery = 16;
+  static constexpr uint64_t kLearnCalls = 8, kExploreEvery = 8;
   enum Schedule { kMaskFirst = 0, kMaskBeside = 1 };
   struct Choice {
     Schedule schedule;
@@ -338,13 +339,13 @@ class ScheduleChooser {
 
   Choice pick() {
     const uint64_t call = calls_.fetch_add(1);
+    if (call <= kLearnCalls) return {Schedule(call % 2), call > 0};
     const Schedule best = cost_[kMaskBeside].load() < cost_[kMaskFirst].load() ? kMaskBeside : kMaskFirst;
-    const bool explore = call % kExploreEvery == kExploreEvery - 1 || cost_[kMaskBeside].load() == 0.0;
-    return {explore ? Schedule(1 - best) : best, call > 0};
+    return {call % kExploreEvery == 0 ? Schedule(1 - best) : best, true};
   }
   void record(Schedule s, double ns_per_byte) {
     const double old = cost_[s].load();
-    cost_[s].store(old == 0.0 ? ns_per_byte : 0.75 * old + 0.25 * ns_per_byte);
+    cost_[s].store(old == 0.0 ? ns_per_byte : 0.5 * (old + ns_per_byte));
   }
 
  private:
