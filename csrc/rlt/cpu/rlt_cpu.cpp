@@ -248,6 +248,10 @@ void compute_keep(const Params& p, const at::Tensor& video, bool* keep) {
   at::parallel_for(0, p.grid.batch * p.grid.tp * p.grid.hp, 1, mask_rows);
 }
 
+int64_t kept_in_row(const bool* keep, int64_t r, int64_t wp) {
+  return std::count(keep + r * wp, keep + (r + 1) * wp, true);
+}
+
 // gather(r, first slot of row r, begin, end) copies the kept tokens of row r whose output slots are in
 // [begin, end).
 using GatherTokens = std::function<void(int64_t, int64_t, int64_t, int64_t)>;
@@ -264,7 +268,7 @@ void mask_then_gather(int64_t rows, int64_t wp, const bool* keep, const MaskRows
     at::parallel_for(0, rows, 1, mask_rows);
   }
   row_start.assign(rows + 1, 0);
-  for (int64_t r = 0; r < rows; ++r) row_start[r + 1] = row_start[r] + std::count(keep + r * wp, keep + (r + 1) * wp, true);
+  for (int64_t r = 0; r < rows; ++r) row_start[r + 1] = row_start[r] + kept_in_row(keep, r, wp);
   VIDFAST_NVTX_RANGE("rlt/gather");
   at::parallel_for(0, row_start[rows], 64, [&](int64_t begin, int64_t end) {
     int64_t r = std::upper_bound(row_start.begin(), row_start.end(), begin) - row_start.begin() - 1;
@@ -290,9 +294,7 @@ void mask_beside_gather(int64_t rows, int64_t wp, const bool* keep, const MaskRo
     for (int64_t begin = 0; begin < rows; begin += kRowsPerBlock) {
       const int64_t end = std::min(rows, begin + kRowsPerBlock);
       mask_rows(begin, end);
-      for (int64_t r = begin; r < end; ++r) {
-        row_start[r + 1] = row_start[r] + std::count(keep + r * wp, keep + (r + 1) * wp, true);
-      }
+      for (int64_t r = begin; r < end; ++r) row_start[r + 1] = row_start[r] + kept_in_row(keep, r, wp);
       published_rows.store(end, std::memory_order_release);
     }
   };
