@@ -211,13 +211,19 @@ def test_every_schedule_and_thread_count_gives_the_reference(threads):
         torch.set_num_threads(before)
 
 
-def test_patches_own_exactly_their_bytes():
+@pytest.mark.parametrize("shape", [(2, 8, 64, 64), (1, 16, 224, 224)])  # bound under and over 2 MiB (huge pages)
+def test_patches_own_exactly_their_bytes(shape):
     # Patches are written into a buffer sized for every token before the count is known, then trimmed.
-    video = planted_video(2, 8, 64, 64)
+    video = planted_video(*shape)
     packed = rlt_tokenize(video)
+    bound = shape[0] * shape[1] // 2 * (shape[2] // 16) * (shape[3] // 16)
+    assert 0 < packed.patches.shape[0] < bound
     assert packed.patches.untyped_storage().nbytes() == packed.patches.numel() * 4
     assert packed.patches.is_contiguous() and packed.patches.storage_offset() == 0
-    assert packed.patches.shape[0] < 2 * 4 * 4 * 4
+    # The buffer stays the tensor's until it is freed: another call must not write into it.
+    saved = packed.patches.clone()
+    rlt_tokenize(planted_video(*shape))
+    assert torch.equal(packed.patches, saved)
 
 
 def test_empty_batch_and_noncontiguous_input():
