@@ -35,6 +35,25 @@ __device__ __forceinline__ int lanes_below(unsigned ballot) {
   return __popc(ballot & ((1u << (threadIdx.x % 32)) - 1u));
 }
 
+// Where this thread stands among the block's threads whose flag is set, in thread order, and how many are set.
+// Every thread of the block calls it; warp_count is kWarps ints of shared scratch.
+struct BlockRank {
+  int64_t rank, total;
+};
+__device__ __forceinline__ BlockRank block_rank(bool flag, int* warp_count) {
+  const int warp = threadIdx.x / 32;
+  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+  if (threadIdx.x % 32 == 0) warp_count[warp] = __popc(ballot);
+  __syncthreads();
+  BlockRank r{lanes_below(ballot), 0};
+  for (int w = 0; w < kWarps; ++w) {
+    r.rank += w < warp ? warp_count[w] : 0;
+    r.total += warp_count[w];
+  }
+  __syncthreads();  // warp_count is reused by the next call
+  return r;
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     group_topk_kernel(Shape s, const scalar_t* __restrict__ x, float* __restrict__ scratch, bool scores_in_shared,
@@ -105,32 +124,16 @@ __global__ void __launch_bounds__(kThreads)
     const uint32_t key = i < n ? score_key(scores[i]) : 0u;
     const bool above = i < n && key > threshold, tie = i < n && key == threshold;
 
-    const unsigned tie_ballot = __ballot_sync(0xffffffffu, tie);
-    if (lane == 0) warp_count[warp] = __popc(tie_ballot);
-    __syncthreads();
-    int64_t tie_rank = ties_before_chunk + lanes_below(tie_ballot), ties_in_chunk = 0;
-    for (int w = 0; w < kWarps; ++w) {
-      tie_rank += w < warp ? warp_count[w] : 0;
-      ties_in_chunk += warp_count[w];
-    }
-    __syncthreads();
-
-    const bool keep = above || (tie && tie_rank < ties_to_keep);
-    const unsigned keep_ballot = __ballot_sync(0xffffffffu, keep);
-    if (lane == 0) warp_count[warp] = __popc(keep_ballot);
-    __syncthreads();
-    int64_t slot = kept_before_chunk + lanes_below(keep_ballot), kept_in_chunk = 0;
-    for (int w = 0; w < kWarps; ++w) {
-      slot += w < warp ? warp_count[w] : 0;
-      kept_in_chunk += warp_count[w];
-    }
-    __syncthreads();
+    const BlockRank tie_rank = block_rank(tie, warp_count);
+    const bool keep = above || (tie && ties_before_chunk + tie_rank.rank < ties_to_keep);
+    const BlockRank kept_rank = block_rank(keep, warp_count);
+    const int64_t slot = kept_before_chunk + kept_rank.rank;
     if (keep) {
       out_indices[out_base + slot] = g * n + i;
       out_scores[out_base + slot] = scores[i];
     }
-    ties_before_chunk += ties_in_chunk;
-    kept_before_chunk += kept_in_chunk;
+    ties_before_chunk += tie_rank.total;
+    kept_before_chunk += kept_rank.total;
     if (kept_before_chunk == k) break;  // uniform across the block
   }
 }
