@@ -122,13 +122,15 @@ Params check_backward(const at::Tensor& grad_out, const at::Tensor& q, const at:
   return p;
 }
 
+// The lengths are SymInt so that a packing whose longest clip comes from data (rlt_tokenize under
+// torch.compile) traces without a graph break; the kernels receive them as plain ints.
 TORCH_LIBRARY_FRAGMENT(vidfast, m) {
   m.def(
       "varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
+      "SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
   m.def(
       "varlen_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor? grad_lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+      "Tensor? grad_lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, "
       "float softmax_scale, bool causal) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
 
