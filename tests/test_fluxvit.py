@@ -7,7 +7,7 @@ from torch import nn
 
 from pyvidfast import flux
 from pyvidfast.io import VideoReader, sampling
-from pyvidfast.models import create_model
+from pyvidfast.models import create_model, load_checkpoint
 from pyvidfast.models.fluxvit import FluxViT, flux_num_groups, head_for_budget
 from pyvidfast.ops import group_budgets, group_topk
 from pyvidfast.io import decode_frames
@@ -212,15 +212,15 @@ def test_load_official_checkpoint_layout(tmp_path):
     source = randomize(FluxViT(**TINY))
     state = {f"backbone.{k}": v for k, v in source.state_dict().items()}
     torch.save({"module": state}, tmp_path / "ckpt.pth")
-    model = FluxViT(**TINY).load_checkpoint(tmp_path / "ckpt.pth")
+    model = load_checkpoint(FluxViT(**TINY), tmp_path / "ckpt.pth")
     for k, v in source.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
     # A checkpoint whose pos_embed has another grid (8 frames at 3x3) is resampled to the native 8 x 4 x 4.
     state = dict(source.state_dict(), pos_embed=torch.randn(1, 1 + 8 * 9, 64))
-    model.load_checkpoint(state)
+    load_checkpoint(model, state)
     assert model.pos_embed.shape == (1, 1 + 8 * 16, 64)
-    with pytest.raises(RuntimeError, match="Missing key"):
-        model.load_checkpoint({k: v for k, v in source.state_dict().items() if k != "cls_token"})
+    with pytest.raises(RuntimeError, match=r"missing keys \['cls_token'\]"):
+        load_checkpoint(model, {k: v for k, v in source.state_dict().items() if k != "cls_token"})
 
 
 def test_packed_equals_per_clip():
@@ -232,6 +232,12 @@ def test_packed_equals_per_clip():
         packed = model.forward_packed(clips, budgets)
         single = torch.cat([model(v.unsqueeze(0), budget=b) for v, b in zip(clips, budgets)])
     torch.testing.assert_close(packed, single, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # no budgets: every clip keeps all its tokens
+        everything = model.forward_packed(clips)
+        single = torch.cat([model(v.unsqueeze(0)) for v in clips])
+    torch.testing.assert_close(everything, single, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="budgets: expected one per clip"):
+        model.forward_packed(clips, budgets=[64])
     model.train()
     model.forward_packed(clips, budgets, heads=[0, 1, 2]).sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0

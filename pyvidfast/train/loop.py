@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from pyvidfast.flux import DoubleMaskSettings, FlexiSampling
 from pyvidfast.masking import dual_masks
-from pyvidfast.models import create_model
+from pyvidfast.models import create_model, registry
 from pyvidfast.models.fluxvit import FluxViT
-from pyvidfast.models.videomae import normalize_video, pretrain_loss
+from pyvidfast.models.layers import normalize_video
+from pyvidfast.models.videomae import pretrain_loss
 from pyvidfast.train.data import SLOTS, ClipSpec, FlexiVideoList, StepSampler, VideoList, collate
 from pyvidfast.train.flux import FluxObjective, VideoMAETeacher
 from pyvidfast.train.optim import make_optimizer, make_scheduler
@@ -323,7 +324,7 @@ def evaluate(args) -> dict:
     ctx = Context(args.device)
     model = build_model(args)
     if args.checkpoint:
-        model.load_checkpoint(args.checkpoint)
+        registry.load_checkpoint(model, args.checkpoint)
     model.to(ctx.device).eval()
     flux = isinstance(model, FluxViT)
     if flux and args.rlt:
