@@ -113,3 +113,15 @@ def test_loss_only_on_encoder_masked_decoder_kept_tokens():
     moved = pred.clone()
     moved[~visible_slots] += 10.0
     assert float(pretrain_loss(moved, computed, mask, decode_mask)) > float(loss) + 1.0
+
+
+def test_v1_loss_decodes_every_masked_token():
+    """decoder mask ratio 0 (VideoMAE V1): the decoder predicts exactly the encoder-masked tokens, all counted."""
+    video = torch.randn(2, 3, 4, 8, 16)
+    mask, decode_mask = dual_masks([1, 2], (2, 2, 4), mask_ratio=0.75, decoder_mask_ratio=0.0)
+    assert decode_mask is None
+    targets = _reference_targets(video, 2, 4)
+    pred = torch.randn(2, int(mask[0].sum()), 96)
+    loss = pretrain_loss(pred, pretrain_targets(video, 2, 4, IMAGENET_MEAN, IMAGENET_STD), mask, None)
+    expected = torch.stack([(pred[b].double() - targets[b][mask[b]]).pow(2).mean() for b in range(2)]).mean()
+    assert float(loss) == pytest.approx(float(expected), abs=1e-5)
