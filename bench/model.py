@@ -31,7 +31,7 @@ from pyvidfast import samples
 from pyvidfast.io import decode_frames
 from pyvidfast.models import create_model
 from pyvidfast.models.fluxvit import HEAD_BUDGETS, FluxViT
-from pyvidfast.models.videomae import normalize_video
+from pyvidfast.models.layers import normalize_video
 
 MODELS = {"ViT-S": "videomae_vit_small_patch16_224", "ViT-B": "videomae_vit_base_patch16_224",
           "FluxViT-S": "fluxvit_small_patch14", "FluxViT-B": "fluxvit_base_patch14"}
@@ -131,7 +131,8 @@ def main() -> None:
         if isinstance(model, FluxViT):
             name = next(iter(samples.CLIPS))
             video = load_batch(name, batch, args.flux_frames, args.stride, args.gap, args.flux_size).to(device)
-            cases = flux_cases(model, name, normalize_video(video, dtype=dtype))
+            config = model.data_config
+            cases = flux_cases(model, name, normalize_video(video, config.mean, config.std, dtype=dtype))
         else:
             cases = rlt_cases(model, videos, dtype, args.threshold)
         for clip_name, variant, total, kept, full_fn, variant_fn in cases:
@@ -179,7 +180,7 @@ def rlt_cases(model, videos: dict[str, torch.Tensor], dtype, threshold: float):
     """(clip, variant, all tokens per clip, kept per clip, all-token forward, variant forward): dense against
     RLT-packed per sample clip."""
     for clip_name, video in videos.items():
-        dense_input = normalize_video(video, dtype=dtype)
+        dense_input = normalize_video(video, model.data_config.mean, model.data_config.std, dtype=dtype)
         with torch.no_grad():
             kept = model.tokenize(video, threshold).cu_seqlens.diff().tolist()
         yield (clip_name, "RLT packed", model.patch_embed.num_patches, kept, lambda x=dense_input: model(x),
@@ -192,6 +193,36 @@ def flux_cases(model, clip_name: str, video: torch.Tensor):
     for budget in HEAD_BUDGETS:
         yield (clip_name, f"budget {budget}", total, [min(budget, total)] * video.shape[0], lambda: model(video),
                lambda budget=budget: model(video, budget=budget))
+
+
+@torch.no_grad()
+def compare_dense_packed(model, video: torch.Tensor, threshold: float | None = None, repeats: int = 1) -> dict:
+    """Runs a VideoMAE ``model`` on a uint8 video ``[B, T, H, W, 3]`` (or one clip ``[T, H, W, 3]``) densely and
+    RLT-packed.
+
+    Returns the two logits, the median wall times in ms over ``repeats`` (the packed time includes tokenization),
+    the tokens kept per clip, the tokens per clip of the dense path, the share kept and the speed-up.
+    """
+    if video.dim() == 4:
+        video = video[None]
+    model.eval()
+    device, dtype = model.pos_embed.device, model.pos_embed.dtype
+    video = video.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    config = model.data_config
+    dense_input = normalize_video(video, config.mean, config.std, dtype=dtype)
+    dense_logits = model(dense_input)
+    packed_logits = model(model.tokenize(video, threshold))
+    dense_ms = time_fn(lambda: model(dense_input), repeats=repeats, warmup=0, sync=sync)["median_ms"]
+    packed_ms = time_fn(lambda: model(model.tokenize(video, threshold)), repeats=repeats, warmup=0,
+                        sync=sync)["median_ms"]
+    kept = model.tokenize(video, threshold).cu_seqlens.diff().tolist()
+    total = model.patch_embed.num_patches
+    return {
+        "dense_logits": dense_logits, "packed_logits": packed_logits, "dense_ms": dense_ms, "packed_ms": packed_ms,
+        "tokens_kept": kept, "tokens_per_clip": total, "share_kept": sum(kept) / (total * len(kept)),
+        "speedup": dense_ms / packed_ms,
+    }
 
 
 def _interleaved(full_fn, variant_fn, repeats: int, sync) -> tuple[dict, dict, list[float]]:

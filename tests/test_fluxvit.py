@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyvidfast import flux
-from pyvidfast.io import VideoReader, sampling
-from pyvidfast.models import create_model
+from pyvidfast.io import VideoDataset, sampling
+from pyvidfast.models import create_model, load_checkpoint
 from pyvidfast.models.fluxvit import FluxViT, flux_num_groups, head_for_budget
 from pyvidfast.ops import group_budgets, group_topk
+from pyvidfast.train.tasks import fluxvit as flux
 from pyvidfast.io import decode_frames
 
 TINY = dict(embed_dim=64, depth=2, num_heads=4, attn_pool_num_heads=4, clip_embed_dim=32, img_size=56,
@@ -212,15 +212,15 @@ def test_load_official_checkpoint_layout(tmp_path):
     source = randomize(FluxViT(**TINY))
     state = {f"backbone.{k}": v for k, v in source.state_dict().items()}
     torch.save({"module": state}, tmp_path / "ckpt.pth")
-    model = FluxViT(**TINY).load_checkpoint(tmp_path / "ckpt.pth")
+    model = load_checkpoint(FluxViT(**TINY), tmp_path / "ckpt.pth")
     for k, v in source.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
     # A checkpoint whose pos_embed has another grid (8 frames at 3x3) is resampled to the native 8 x 4 x 4.
     state = dict(source.state_dict(), pos_embed=torch.randn(1, 1 + 8 * 9, 64))
-    model.load_checkpoint(state)
+    load_checkpoint(model, state)
     assert model.pos_embed.shape == (1, 1 + 8 * 16, 64)
-    with pytest.raises(RuntimeError, match="Missing key"):
-        model.load_checkpoint({k: v for k, v in source.state_dict().items() if k != "cls_token"})
+    with pytest.raises(RuntimeError, match=r"missing keys \['cls_token'\]"):
+        load_checkpoint(model, {k: v for k, v in source.state_dict().items() if k != "cls_token"})
 
 
 def test_packed_equals_per_clip():
@@ -232,6 +232,12 @@ def test_packed_equals_per_clip():
         packed = model.forward_packed(clips, budgets)
         single = torch.cat([model(v.unsqueeze(0), budget=b) for v, b in zip(clips, budgets)])
     torch.testing.assert_close(packed, single, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # no budgets: every clip keeps all its tokens
+        everything = model.forward_packed(clips)
+        single = torch.cat([model(v.unsqueeze(0)) for v in clips])
+    torch.testing.assert_close(everything, single, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="budgets: expected one per clip"):
+        model.forward_packed(clips, budgets=[64])
     model.train()
     model.forward_packed(clips, budgets, heads=[0, 1, 2]).sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
@@ -245,7 +251,7 @@ def test_training_step_backward():
     assert model.patch_embed.proj.weight.grad is not None and model.pos_embed.grad.abs().sum() > 0
 
 
-# --- pyvidfast.flux ---------------------------------------------------------------------------------------------
+# --- pyvidfast.train.tasks.fluxvit ------------------------------------------------------------------------------
 
 
 def test_flexi_sampling():
@@ -355,17 +361,14 @@ def test_double_mask_step_with_a_stand_in_teacher():
     assert projectors[0].weight.grad is not None and student.blocks[0].attn.qkv.weight.grad is not None
 
 
-def test_token_settings_and_sampling(sample_clips):
+def test_token_settings_and_sampling(sample_clips, tmp_path):
     assert [flux.token_setting(b).head for b in (3072, 2048, 1024, 512)] == [0, 1, 2, 2]
     for budget in (3072, 2048, 1024, 512, 1500):
         s = flux.token_setting(budget)
         assert budget < s.tokens <= 2.5 * budget
-    setting, indices = flux.sample_for_budget(250, 100)
-    assert indices == sampling.segments(250, setting.frames)
     # Token-optimized inference on a real clip: 8 frames at 70 px (200 tokens) cut to a 100-token budget.
-    with VideoReader(sample_clips["balle-jbart.mp4"]) as reader:
-        frames = reader.get_frames(sampling.segments(len(reader), 8))
-    video = flux.prepare_clip(frames, 70)
+    (tmp_path / "list.txt").write_text(f"{sample_clips['balle-jbart.mp4']} 0\n")
+    video, _ = VideoDataset(tmp_path / "list.txt", lambda r: sampling.segments(len(r), 8), size=70, crop=70)[0]
     assert video.shape == (3, 8, 70, 70) and abs(float(video.mean())) < 3
     model = randomize(FluxViT(**TINY)).eval()
     with torch.no_grad():

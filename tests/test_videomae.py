@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from pyvidfast.io import decode_frames
-from pyvidfast.models import create_model
-from pyvidfast.models.videomae import (PretrainVisionTransformer, VisionTransformer, compare_dense_packed,
-                                       normalize_video)
+from bench.model import compare_dense_packed
+from pyvidfast.models import create_model, load_checkpoint
+from pyvidfast.models.layers import normalize_video
+from pyvidfast.models.videomae import PretrainVisionTransformer, VisionTransformer
 
 
 # Published sizes: width, depth, heads, patch, MLP hidden, decoder (width, heads, MLP hidden), decoder output.
@@ -147,7 +148,7 @@ def tiny_state(seed=0):
 
 def test_logits_match_reference_of_official_maths():
     state = tiny_state()
-    model = VisionTransformer(**TINY).load_checkpoint({"model": {f"module.{k}": v for k, v in state.items()}}).eval()
+    model = load_checkpoint(VisionTransformer(**TINY), {"model": {f"module.{k}": v for k, v in state.items()}}).eval()
     video = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
         got = model(video)
@@ -168,8 +169,8 @@ def test_pretrain_model_matches_reference():
     model = PretrainVisionTransformer(img_size=32, patch_size=8, encoder_embed_dim=48, encoder_depth=2,
                                       encoder_num_heads=3, decoder_embed_dim=32, decoder_depth=1,
                                       decoder_num_heads=2, mlp_ratio=2.0, num_frames=4)
-    model.load_checkpoint(state).eval()
-    from pyvidfast.masking import dual_masks
+    load_checkpoint(model, state).eval()
+    from pyvidfast.train.tasks.videomae import dual_masks
 
     mask, decode_mask = dual_masks([1, 2], model.grid, 0.75, 0.5)
     video = torch.randn(2, 3, 4, 32, 32)
@@ -197,21 +198,21 @@ def test_load_pretraining_checkpoint_into_classifier_and_errors():
                     "decoder.norm.weight": torch.ones(8), "mask_token": torch.zeros(1, 1, 8)})
     model = VisionTransformer(**TINY)
     head = model.head.weight.clone()
-    model.load_checkpoint(encoder)
+    load_checkpoint(model, encoder)
     assert torch.equal(model.blocks[1].attn.qkv.weight, encoder["encoder.blocks.1.attn.qkv.weight"])
     assert torch.equal(model.head.weight, head)  # the new head keeps its initialization
     other_head = tiny_state(2)
     other_head["head.weight"], other_head["head.bias"] = torch.zeros(3, 48), torch.zeros(3)
     with pytest.warns(UserWarning, match="head"):
-        model.load_checkpoint(other_head)
+        load_checkpoint(model, other_head)
     bad = tiny_state(2)
     bad["blocks.0.attn.extra"] = torch.zeros(1)
     with pytest.raises(RuntimeError, match="unexpected"):
-        model.load_checkpoint(bad)
+        load_checkpoint(model, bad)
     missing = tiny_state(2)
     del missing["blocks.1.mlp.fc1.weight"]
     with pytest.raises(RuntimeError, match="missing"):
-        model.load_checkpoint(missing)
+        load_checkpoint(model, missing)
 
 
 def test_official_checkpoint_file_loads_strictly(tmp_path):
@@ -256,7 +257,7 @@ def test_hugging_face_classifier_parity(tmp_path):
         got = model(video.transpose(1, 2))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # The same weights with the official epsilons (1e-6) differ only slightly.
-    official_eps = VisionTransformer(**TINY).load_checkpoint(tmp_path, hf_eps=False).eval()
+    official_eps = load_checkpoint(VisionTransformer(**TINY), tmp_path, apply_config=False).eval()
     with torch.no_grad():
         assert (official_eps(video.transpose(1, 2)) - expected).abs().max() < 1e-2
 
@@ -271,8 +272,8 @@ def test_hugging_face_pretraining_parity(tmp_path):
     model = PretrainVisionTransformer(img_size=32, patch_size=8, encoder_embed_dim=48, encoder_depth=2,
                                       encoder_num_heads=3, decoder_embed_dim=32, decoder_depth=1,
                                       decoder_num_heads=2, mlp_ratio=2.0, num_frames=4)
-    model.load_checkpoint(tmp_path).eval()
-    from pyvidfast.masking import tube_mask
+    load_checkpoint(model, tmp_path).eval()
+    from pyvidfast.train.tasks.videomae import tube_mask
 
     mask = torch.stack([tube_mask(model.grid, 0.75, torch.Generator().manual_seed(s)).flatten() for s in (0, 1)])
     video = torch.randn(2, 4, 3, 32, 32)
@@ -321,23 +322,44 @@ def test_packed_batch_equals_each_clip_alone(real_clips, length_embed):
     torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
 
 
+def test_forward_packed_clips_of_any_shape(real_clips):
+    """A list of clips of different shapes: one row per clip, each equal to the official model built for its shape
+    (same weights; the position table of fewer positions is a prefix), packed or dense."""
+    model = _tiny_rlt_model()
+    small = VisionTransformer(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=3, num_frames=4,
+                              num_classes=5).eval()
+    small.load_state_dict(model.state_dict(), strict=True)
+    clips = [real_clips[0], real_clips[1, 2:6, 16:48, 8:40].contiguous(), real_clips[1]]
+    with torch.no_grad():
+        packed = model.forward_packed(clips)
+        expected = torch.cat([model(model.tokenize(clips[0][None])), small(small.tokenize(clips[1][None])),
+                              model(model.tokenize(clips[2][None]))])
+        everything = model.forward_packed(clips[1:2], threshold=-1.0)
+        dense = small(normalize_video(clips[1][None]))
+    assert packed.shape == (3, 5)
+    torch.testing.assert_close(packed, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(everything, dense, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"clips\[0\]: .* more tokens"):
+        model.forward_packed([torch.zeros(16, 64, 64, 3, dtype=torch.uint8)])
+    with pytest.raises(ValueError, match="at least one clip"):
+        model.forward_packed([])
+
+
 def test_compare_dense_packed(real_clips):
-    result = compare_dense_packed(_tiny_rlt_model(), real_clips)
-    assert result["dense_logits"].shape == result["packed_logits"].shape == (2, 5)
-    assert len(result["tokens_kept"]) == 2 and 0 < result["share_kept"] <= 1
+    model = _tiny_rlt_model()
+    total = model.patch_embed.num_patches
+    everything = compare_dense_packed(model, real_clips, threshold=-1.0, repeats=2)  # RLT keeps every token
+    assert everything["tokens_kept"] == [total, total] and everything["share_kept"] == 1.0
+    assert everything["dense_logits"].shape == (2, 5)
+    torch.testing.assert_close(everything["packed_logits"], everything["dense_logits"], atol=1e-5, rtol=1e-5)
+    result = compare_dense_packed(model, real_clips, repeats=2)  # the default threshold drops static tokens
+    assert sum(result["tokens_kept"]) < 2 * total and 0 < result["share_kept"] < 1
+    assert result["tokens_per_clip"] == total
+    with torch.no_grad():
+        torch.testing.assert_close(result["dense_logits"], model(normalize_video(real_clips)), atol=0, rtol=0)
+        torch.testing.assert_close(result["packed_logits"], model(model.tokenize(real_clips)), atol=0, rtol=0)
     assert result["dense_ms"] > 0 and result["packed_ms"] > 0
-
-
-def test_drop_path_drops_whole_clips_on_packed_input():
-    from pyvidfast.models.videomae import DropPath, Packing
-
-    drop = DropPath(0.5).train()
-    cu = torch.tensor([0, 3, 10, 12], dtype=torch.int32)
-    out = drop(torch.ones(12, 4), Packing(cu, 7))
-    for b in range(3):
-        clip = out[cu[b]:cu[b + 1]]
-        assert torch.all(clip == clip[0, 0]) and float(clip[0, 0]) in (0.0, 2.0)
-    assert torch.equal(drop.eval()(torch.ones(12, 4), Packing(cu, 7)), torch.ones(12, 4))
+    assert result["speedup"] == pytest.approx(result["dense_ms"] / result["packed_ms"])
 
 
 def test_packed_gradients_equal_dense_with_every_token(real_clips):

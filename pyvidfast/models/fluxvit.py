@@ -9,12 +9,14 @@ A ViT over 14x14 patches (tubelet 1) that keeps a token budget of the clip's pat
   per-channel scale and bias of V added to the attention output (``attn.lpe``);
 - three attention-pooling projectors and classification heads, trained at 3072, 2048 and 1024 tokens.
 
-Parameter names and shapes follow the official checkpoints (OpenGVLab/FluxViT ``models/fluxvit.py``), so they load
-with ``load_state_dict(strict=True)``. The official ``DepthwiseConv3D`` has a 1x1x1 kernel; it is kept as a Conv3d
+Built on :mod:`pyvidfast.models.layers`. Parameter names and shapes follow the official checkpoints
+(OpenGVLab/FluxViT ``models/fluxvit.py``), so they load with ``load_state_dict(strict=True)``
+(:func:`pyvidfast.models.load_checkpoint` applies :func:`checkpoint_filter_fn` first). The official ``DepthwiseConv3D`` has a 1x1x1 kernel; it is kept as a Conv3d
 parameter holder (for the names) and applied as the per-channel affine it is.
 
-Clips of one batch with different frame counts, resolutions or budgets run packed (no padding) through
-``pyvidfast.ops.varlen_attention``; equal clips run batched through torch SDPA.
+Clips of different frame counts, resolutions or budgets run packed (no padding) through
+``pyvidfast.ops.varlen_attention`` (:meth:`FluxViT.forward_packed`); clips of one shape run batched through torch
+SDPA (:meth:`FluxViT.forward`).
 """
 
 import math
@@ -25,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pyvidfast.models.layers import (Attention, Block, DataConfig, Packing, PatchEmbed, RMSNorm, attention,
+                                     drop_path_rates)
 from pyvidfast.models.registry import register_model
-from pyvidfast.ops import group_topk, varlen_attention
+from pyvidfast.ops import group_topk
 
 # Token budget each head was trained at (official training engine: head 0 <-> 3072, 1 <-> 2048, 2 <-> 1024).
 HEAD_BUDGETS = (3072, 2048, 1024)
@@ -70,23 +74,6 @@ def sincos_3d(dim: int, frames: int, size: int) -> np.ndarray:
     return table.reshape(-1, dim)
 
 
-def _at_least_float32(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-class RMSNorm(nn.Module):
-    """RMS normalization computed in float32 (or float64), cast back, then scaled (the official order)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = _at_least_float32(x)
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
 class ChannelAffine(nn.Module):
     """The official ``DepthwiseConv3D`` (kernel 1x1x1, groups = channels): a per-channel scale and bias, identity
     at init. ``forward`` takes channels last."""
@@ -101,122 +88,34 @@ class ChannelAffine(nn.Module):
         return x * self.depthwise_conv.weight.view(-1) + self.depthwise_conv.bias
 
 
-class LayerScale(nn.Module):
-    """Per-channel residual scale, applied in float32 (the official ``force_fp32``)."""
-
-    def __init__(self, dim: int, init_values: float):
-        super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (_at_least_float32(x) * _at_least_float32(self.gamma)).to(x.dtype)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per clip; ``clip_of_token`` maps packed tokens [N, C] to their clip."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor, clip_of_token: Tensor | None = None, num_clips: int = 0) -> Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        if clip_of_token is None:
-            mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        else:
-            mask = x.new_empty(num_clips).bernoulli_(keep)[clip_of_token].unsqueeze(-1)
-        return x * mask / keep
-
-
-class PatchEmbed(nn.Module):
-    """DPN patch embedding: RMSNorm over each raw patch (order t, y, x, rgb), Conv3d projection, RMSNorm."""
+class DPNPatchEmbed(PatchEmbed):
+    """DPN patch embedding: RMSNorm over each raw patch (order t, y, x, rgb), the Conv3d projection as a matmul
+    on the normalized patch vectors, RMSNorm."""
 
     def __init__(self, embed_dim: int, patch_size: int = 14, tubelet_size: int = 1):
-        super().__init__()
-        self.patch_size, self.tubelet_size = patch_size, tubelet_size
-        kernel = (tubelet_size, patch_size, patch_size)
-        self.proj = nn.Conv3d(3, embed_dim, kernel_size=kernel, stride=kernel)
+        super().__init__(embed_dim, patch_size, tubelet_size)
         self.norm_before = RMSNorm(tubelet_size * patch_size * patch_size * 3)
         self.norm = RMSNorm(embed_dim)
 
     def forward(self, video: Tensor) -> Tensor:
-        """[B, 3, T, H, W] -> [B, T', L, C]. The projection runs as a matmul on the normalized patch vectors."""
+        """[B, 3, T, H, W] -> [B, T', L, C]."""
         b, _, t, h, w = video.shape
-        p, tub = self.patch_size, self.tubelet_size
-        torch._check(t % tub == 0 and h % p == 0 and w % p == 0,
-                     lambda: f"video: T must be a multiple of {tub} and H, W of {p}; got {tuple(video.shape)}")
-        patches = video.reshape(b, 3, t // tub, tub, h // p, p, w // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
-        patches = self.norm_before(patches.reshape(b, (t // tub) * (h // p) * (w // p), -1))
-        weight = self.proj.weight.permute(0, 2, 3, 4, 1).reshape(self.proj.out_channels, -1)
-        x = F.linear(patches, weight, self.proj.bias)
-        return self.norm(x.reshape(b, t // tub, (h // p) * (w // p), -1))
+        patches = self.norm_before(self.patchify(video, channels_last=True))
+        x = self.embed_patches(patches, channels_last=True)
+        return self.norm(x.reshape(b, t // self.tubelet_size, (h // self.patch_size) * (w // self.patch_size), -1))
 
 
-class Attention(nn.Module):
+class LPEAttention(Attention):
     """Self-attention with q/k RMSNorm over all channels and the LPE shortcut ``proj(attn(q, k, v) + lpe(v))``."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__(dim, num_heads, qk_norm=True, attn_drop=attn_drop, proj_drop=proj_drop)
         self.lpe = ChannelAffine(dim)
-        self.q_norm = RMSNorm(dim)
-        self.k_norm = RMSNorm(dim)
 
-    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # channels of each: head-major, as the official reshape
-        return self.q_norm(q), self.k_norm(k), v
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, n, c = x.shape
-        q, k, v = self._qkv(x)
-        heads = [t.view(b, n, self.num_heads, -1).transpose(1, 2) for t in (q, k, v)]
-        out = F.scaled_dot_product_attention(*heads).transpose(1, 2).reshape(b, n, c)
-        return self.proj(out + self.lpe(v))
-
-    def forward_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-        n, c = x.shape
-        q, k, v = self._qkv(x)
-        q, k, v_heads = (t.view(n, self.num_heads, -1) for t in (q, k, v))
-        out = varlen_attention(q, k, v_heads, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
-        return self.proj(out.reshape(n, c) + self.lpe(v))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """Pre-norm block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, init_values: float, drop_path: float):
-        super().__init__()
-        self.norm1 = RMSNorm(dim)
-        self.attn = Attention(dim, num_heads)
-        self.ls1 = LayerScale(dim, init_values)
-        self.norm2 = RMSNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim, init_values)
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
-
-    def forward_packed(self, x: Tensor, packing: "Packing") -> Tensor:
-        attn = self.attn.forward_packed(self.norm1(x), packing.cu_seqlens, packing.max_seqlen)
-        x = x + self.drop_path(self.ls1(attn), packing.clip_of_token, packing.num_clips)
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))), packing.clip_of_token, packing.num_clips)
+    def forward(self, x: Tensor, packing: Packing | None = None) -> Tensor:
+        q, k, v = self.project_qkv(x)
+        out = attention(q, k, v, packing, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.flatten(-2) + self.lpe(v.flatten(-2))))
 
 
 class CrossAttention(nn.Module):
@@ -234,12 +133,11 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, out_dim)
 
     def forward(self, x_q: Tensor, x_k: Tensor, x_v: Tensor) -> Tensor:
-        b, c = x_q.shape[0], x_q.shape[-1]
-        q = F.linear(x_q, self.q.weight, self.q_bias).view(b, -1, self.num_heads, c // self.num_heads)
-        k = F.linear(x_k, self.k.weight, self.k_bias).view(b, -1, self.num_heads, c // self.num_heads)
-        v = F.linear(x_v, self.v.weight, self.v_bias).view(b, -1, self.num_heads, c // self.num_heads)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.proj(out.transpose(1, 2).reshape(b, -1, c))
+        heads = (self.num_heads, x_q.shape[-1] // self.num_heads)
+        q = F.linear(x_q, self.q.weight, self.q_bias).unflatten(-1, heads)
+        k = F.linear(x_k, self.k.weight, self.k_bias).unflatten(-1, heads)
+        v = F.linear(x_v, self.v.weight, self.v_bias).unflatten(-1, heads)
+        return self.proj(attention(q, k, v).flatten(-2))
 
 
 class AttentionPoolingBlock(nn.Module):
@@ -272,18 +170,6 @@ class LinearDecoder(nn.Module):
         return F.normalize(self.norm(self.head(x)), dim=-1)
 
 
-class Packing:
-    """Bounds of the clips in a packed [N, C] token sequence."""
-
-    def __init__(self, lengths: Sequence[int], device: torch.device):
-        counts = torch.tensor(list(lengths), dtype=torch.int32, device=device)
-        self.num_clips = len(lengths)
-        self.cu_seqlens = F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
-        self.max_seqlen = max(lengths) if lengths else 0
-        self.clip_of_token = torch.repeat_interleave(torch.arange(self.num_clips, device=device), counts.long())
-        self.bounds = [(int(s), int(e)) for s, e in zip(self.cu_seqlens[:-1].tolist(), self.cu_seqlens[1:].tolist())]
-
-
 class FluxViT(nn.Module):
     def __init__(self, embed_dim: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
                  patch_size: int = 14, tubelet_size: int = 1, img_size: int = 252, num_frames: int = 24,
@@ -296,12 +182,17 @@ class FluxViT(nn.Module):
         self.patch_size, self.tubelet_size = patch_size, tubelet_size
         self.img_size, self.num_frames = img_size, num_frames  # the native clip shape (and eval's default)
         self.pos_grid = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
-        self.patch_embed = PatchEmbed(embed_dim, patch_size, tubelet_size)
+        self.data_config = DataConfig(num_frames=num_frames, img_size=img_size, tubelet_size=tubelet_size,
+                                      patch_size=patch_size)
+        self.patch_embed = DPNPatchEmbed(embed_dim, patch_size, tubelet_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + math.prod(self.pos_grid), embed_dim))
         self.gpe_proj = ChannelAffine(embed_dim)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, init_values, r) for r in rates)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, drop_path=rate, init_values=init_values, ls_force_fp32=True,
+                  norm_layer=RMSNorm, attn_layer=LPEAttention)
+            for rate in drop_path_rates(drop_path_rate, depth)
+        )
         self.clip_projector = nn.ModuleList(
             AttentionPoolingBlock(embed_dim, attn_pool_num_heads, clip_embed_dim) for _ in HEAD_BUDGETS
         )
@@ -390,55 +281,52 @@ class FluxViT(nn.Module):
 
     # --- packed path: clips of different shapes or budgets ------------------------------------------------------
 
-    def forward_packed(self, videos: Sequence[Tensor], budgets: Sequence[int | None],
+    def forward_packed(self, clips: Sequence[Tensor], budgets: Sequence[int | None] | None = None,
                        heads: Sequence[int] | None = None) -> Tensor:
-        """Logits [B, classes] for clips [3, T_i, H_i, W_i] with their own budgets, run as one packed sequence
-        through ``varlen_attention``."""
-        if len(videos) != len(budgets):
-            raise ValueError(f"budgets: expected one per clip ({len(videos)}); got {len(budgets)}")
+        """Logits [len(clips), classes] of normalized clips [3, T_i, H_i, W_i] of any shapes, each with its own
+        token budget (``budgets``: one per clip, None keeps all tokens) and head (default: the one trained at the
+        nearest budget), run as one packed sequence through ``varlen_attention``."""
+        budgets = [None] * len(clips) if budgets is None else list(budgets)
+        if len(clips) != len(budgets):
+            raise ValueError(f"budgets: expected one per clip ({len(clips)}); got {len(budgets)}")
         heads = [head_for_budget(b) for b in budgets] if heads is None else list(heads)
-        sequences = [self.embed(v.unsqueeze(0), b)[0][0] for v, b in zip(videos, budgets)]
-        packing = Packing([s.shape[0] for s in sequences], sequences[0].device)
+        sequences = [self.embed(v.unsqueeze(0), b)[0][0] for v, b in zip(clips, budgets)]
+        packing = Packing.from_lengths([s.shape[0] for s in sequences], sequences[0].device)
         x = torch.cat(sequences)
         for block in self.blocks:
-            x = block.forward_packed(x, packing)
-        logits = [self.classify(self.pool(x[None, s:e], h), h) for (s, e), h in zip(packing.bounds, heads)]
+            x = block(x, packing)
+        logits = [self.classify(self.pool(tokens[None], h), h) for tokens, h in zip(packing.split(x), heads)]
         return torch.cat(logits)
 
-    # --- checkpoints ----------------------------------------------------------------------------------------------
 
-    def load_checkpoint(self, source, strict: bool = True) -> "FluxViT":
-        """Loads an official FluxViT checkpoint (path or state dict): takes its ``model``/``module`` entry, strips
-        ``backbone.``/``encoder.`` prefixes (and drops the ``projectors.`` of a Flux distillation run, see
-        :mod:`pyvidfast.train.flux`), resamples a ``pos_embed`` of another grid to this model's native grid
-        (linear over time, bicubic over space, as the official fine-tuning script does), then loads strictly."""
-        state = torch.load(source, map_location="cpu", weights_only=True) if not isinstance(source, dict) else source
-        for key in ("model", "module"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-        state = {k.removeprefix("backbone.").removeprefix("encoder."): v for k, v in state.items()
-                 if not k.startswith("projectors.")}
-        if "pos_embed" in state and state["pos_embed"].shape != self.pos_embed.shape:
-            state["pos_embed"] = self._resample_pos_embed(state["pos_embed"])
-        self.load_state_dict(state, strict=strict)
-        return self
-
-    def _resample_pos_embed(self, pos_embed: Tensor) -> Tensor:
-        n, c = pos_embed.shape[1] - 1, pos_embed.shape[2]
-        t0, h0, w0 = self.pos_grid
-        candidates = [t for t in (t0, 8, 16, 32, 24, 12, 4) if n % t == 0 and math.isqrt(n // t) ** 2 == n // t]
-        if not candidates:
-            raise ValueError(f"pos_embed: cannot read a (T, H, H) grid from {n} positions")
-        t, s = candidates[0], math.isqrt(n // candidates[0])
-        pos = pos_embed[0, 1:].float().view(t, s * s, c)
-        if t != t0:
-            pos = F.interpolate(pos.permute(1, 2, 0), size=t0, mode="linear", align_corners=False).permute(2, 0, 1)
-        if (s, s) != (h0, w0):
-            grid = F.interpolate(pos.reshape(t0, s, s, c).permute(0, 3, 1, 2), size=(h0, w0), mode="bicubic",
+def resample_pos_embed(pos_embed: Tensor, grid: tuple[int, int, int]) -> Tensor:
+    """A ``pos_embed`` [1, 1 + T*S*S, C] of another (T, S, S) grid -> the native ``grid`` (linear over time,
+    bicubic over space, as the official fine-tuning script does)."""
+    n, c = pos_embed.shape[1] - 1, pos_embed.shape[2]
+    t0, h0, w0 = grid
+    candidates = [t for t in (t0, 8, 16, 32, 24, 12, 4) if n % t == 0 and math.isqrt(n // t) ** 2 == n // t]
+    if not candidates:
+        raise ValueError(f"pos_embed: cannot read a (T, H, H) grid from {n} positions")
+    t, s = candidates[0], math.isqrt(n // candidates[0])
+    pos = pos_embed[0, 1:].float().view(t, s * s, c)
+    if t != t0:
+        pos = F.interpolate(pos.permute(1, 2, 0), size=t0, mode="linear", align_corners=False).permute(2, 0, 1)
+    if (s, s) != (h0, w0):
+        grid_pos = F.interpolate(pos.reshape(t0, s, s, c).permute(0, 3, 1, 2), size=(h0, w0), mode="bicubic",
                                  align_corners=False)
-            pos = grid.permute(0, 2, 3, 1)
-        return torch.cat([pos_embed[:, :1], pos.reshape(1, -1, c).to(pos_embed.dtype)], dim=1)
+        pos = grid_pos.permute(0, 2, 3, 1)
+    return torch.cat([pos_embed[:, :1], pos.reshape(1, -1, c).to(pos_embed.dtype)], dim=1)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: "FluxViT") -> dict[str, Tensor]:
+    """An official FluxViT checkpoint -> ``model``'s names (pure): strips ``backbone.``/``encoder.`` prefixes,
+    drops the ``projectors.`` of a Flux distillation run (see :mod:`pyvidfast.train.flux`) and resamples a
+    ``pos_embed`` of another grid to the model's native grid."""
+    state = {k.removeprefix("backbone.").removeprefix("encoder."): v for k, v in state_dict.items()
+             if not k.startswith("projectors.")}
+    if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.pos_grid)
+    return state
 
 
 @register_model

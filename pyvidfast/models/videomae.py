@@ -2,11 +2,11 @@
 RLT-packed inference.
 
 Parameter names and shapes follow the official code (OpenGVLab/VideoMAEv2 ``models/modeling_{finetune,pretrain}.py``)
-so its checkpoints load with ``load_state_dict(strict=True)``; :meth:`VisionTransformer.load_checkpoint` also reads
-Hugging Face ``transformers`` VideoMAE checkpoints. The sinusoid position table is a non-persistent buffer (the
-official code keeps it out of the state dict too).
+so its checkpoints load with ``load_state_dict(strict=True)``; :func:`checkpoint_filter_fn` also maps Hugging Face
+``transformers`` VideoMAE checkpoints (load any of them with :func:`pyvidfast.models.load_checkpoint`). The
+sinusoid position table is a non-persistent buffer (the official code keeps it out of the state dict too).
 
-Two input paths share the same blocks:
+Two input paths share the same blocks (:mod:`pyvidfast.models.layers`):
 
 * dense: normalized float video ``[B, 3, T, H, W]`` -> Conv3d patch embedding -> attention by PyTorch SDPA;
 * packed (RLT): :class:`pyvidfast.ops.PackedTokens` from :func:`pyvidfast.ops.rlt_tokenize` -> the same Conv3d
@@ -14,31 +14,23 @@ Two input paths share the same blocks:
   ``pyvidfast.ops.varlen_attention`` over ``cu_seqlens`` -> per-clip mean pooling.
 """
 
-import json
-import math
-import time
 import warnings
-from pathlib import Path
-from typing import NamedTuple
+from functools import partial
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyvidfast import ops
+from pyvidfast.models.layers import Block, DataConfig, Packing, PatchEmbed, drop_path_rates
 from pyvidfast.models.registry import register_model
 from pyvidfast.ops.rlt import IMAGENET_MEAN, IMAGENET_STD, PackedTokens, rlt_tokenize
 
 LN_EPS = 1e-6  # every LayerNorm of the official models
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Building blocks
-
-
 def sinusoid_table(num_positions: int, dim: int) -> Tensor:
     """Fixed 1-D sinusoid table [num_positions, dim] (sin on even, cos on odd channels), computed in float64 like
-    the official code, returned as float32."""
+    the official code, returned as float32. Row i depends only on i, so a shorter table is a prefix of a longer."""
     position = torch.arange(num_positions, dtype=torch.float64)[:, None]
     exponent = (2 * (torch.arange(dim) // 2)).to(torch.float64) / dim
     angles = position / torch.pow(10000.0, exponent)[None, :]
@@ -48,145 +40,12 @@ def sinusoid_table(num_positions: int, dim: int) -> Tensor:
     return table.float()
 
 
-def normalize_video(video: Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32) -> Tensor:
-    """uint8 ``[B, T, H, W, 3]`` (decoder layout) -> normalized ``[B, 3, T, H, W]`` (model layout)."""
-    if video.dtype != torch.uint8 or video.dim() != 5 or video.shape[-1] != 3:
-        raise ValueError(f"video: expected uint8 [B, T, H, W, 3]; got {video.dtype} {tuple(video.shape)}")
-    mean_t = torch.tensor(mean, dtype=dtype, device=video.device).view(1, 3, 1, 1, 1)
-    std_t = torch.tensor(std, dtype=dtype, device=video.device).view(1, 3, 1, 1, 1)
-    x = video.permute(0, 4, 1, 2, 3).to(dtype).div_(255.0)
-    return (x - mean_t) / std_t
-
-
-class Packing(NamedTuple):
-    """Bounds of the clips in a packed token sequence, as varlen attention wants them."""
-
-    cu_seqlens: Tensor  # int32 [B + 1]
-    max_seqlen: int
-
-
-class PatchEmbed(nn.Module):
-    """Conv3d with kernel = stride = (tubelet, patch, patch); tokens in (t, h, w) raster order."""
-
-    def __init__(self, img_size: int, patch_size: int, num_frames: int, tubelet_size: int, embed_dim: int):
-        super().__init__()
-        if img_size % patch_size or num_frames % tubelet_size:
-            raise ValueError(f"img_size {img_size} / num_frames {num_frames} must be multiples of the patch "
-                             f"{patch_size} / tubelet {tubelet_size}")
-        self.grid = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
-        self.num_patches = math.prod(self.grid)
-        kernel = (tubelet_size, patch_size, patch_size)
-        self.proj = nn.Conv3d(3, embed_dim, kernel_size=kernel, stride=kernel)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-    def embed_patches(self, patches: Tensor) -> Tensor:
-        """Flattened patches [N, 3 * tubelet * patch * patch] (order [c][dt][ph][pw]) -> tokens [N, D]; the same
-        weights as ``forward``."""
-        weight = self.proj.weight.flatten(1)
-        return F.linear(patches.to(weight.dtype), weight, self.proj.bias)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with BEiT-style biases: learnable q and v biases, none on k."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"num_heads: {num_heads} must divide the width {dim}")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        if qkv_bias:
-            self.q_bias = nn.Parameter(torch.zeros(dim))
-            self.v_bias = nn.Parameter(torch.zeros(dim))
-        else:
-            self.q_bias = self.v_bias = None
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: Tensor, packing: Packing | None = None) -> Tensor:
-        bias = None
-        if self.q_bias is not None:
-            bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias).unflatten(-1, (3, self.num_heads, self.head_dim))
-        if packing is None:  # x [B, N, C] -> SDPA on [B, H, N, D]
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            dropout = self.attn_drop if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout).transpose(1, 2).flatten(2)
-        else:  # x [N, C] packed clip after clip -> varlen attention on [N, H, D]
-            if self.training and self.attn_drop > 0:
-                raise NotImplementedError("attention dropout is not supported on packed tokens")
-            q, k, v = qkv.unbind(1)  # strided views; the op needs stride 1 only on the head dim
-            cu, longest = packing
-            out = ops.varlen_attention(q, k, v, cu, cu, longest, longest).flatten(1)
-        return self.proj_drop(self.proj(out))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()  # exact (erf) GELU, as the official blocks
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per clip (on packed input: all tokens of a clip)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor, packing: Packing | None = None) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if packing is None:
-            keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
-        else:
-            counts = (packing.cu_seqlens[1:] - packing.cu_seqlens[:-1]).long()
-            per_clip = x.new_empty(counts.numel()).bernoulli_(1.0 - self.p)
-            keep = torch.repeat_interleave(per_clip, counts, output_size=x.shape[0]).unsqueeze(1)
-        return x * keep / (1.0 - self.p)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block; ``packing`` selects the packed (varlen) attention."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool = True, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
-        self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)  # int() of the product, as the official code
-
-    def forward(self, x: Tensor, packing: Packing | None = None) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), packing), packing)
-        return x + self.drop_path(self.mlp(self.norm2(x)), packing)
-
-
 def make_blocks(dim, depth, num_heads, mlp_ratio, qkv_bias=True, drop=0.0, attn_drop=0.0, drop_path_rate=0.0):
-    rates = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]  # linear, 0 first
-    return nn.ModuleList(Block(dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, r) for r in rates)
-
-
-def segment_mean(x: Tensor, cu_seqlens: Tensor) -> Tensor:
-    """Mean of each clip's tokens: packed [N, D] -> [B, D]."""
-    counts = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    clip = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts, output_size=x.shape[0])
-    sums = x.new_zeros((counts.numel(), x.shape[1])).index_add_(0, clip, x)
-    return sums / counts.clamp_min(1).unsqueeze(1).to(x.dtype)
+    """The official blocks: LayerNorm eps 1e-6, q/v biases (``qkv_bias``), no LayerScale."""
+    norm = partial(nn.LayerNorm, eps=LN_EPS)
+    return nn.ModuleList(Block(dim, num_heads, mlp_ratio, drop=drop, attn_drop=attn_drop, drop_path=rate,
+                               norm_layer=norm, qv_bias=qkv_bias)
+                         for rate in drop_path_rates(drop_path_rate, depth))
 
 
 def _trunc_normal_init(module: nn.Module) -> None:
@@ -216,8 +75,9 @@ def _xavier_init(module: nn.Module) -> None:
 class VisionTransformer(nn.Module):
     """VideoMAE V2 classification model (official ``modeling_finetune.VisionTransformer`` with mean pooling).
 
-    ``forward`` takes a normalized float video ``[B, 3, T, H, W]`` (dense) or :class:`PackedTokens` (RLT, see
-    :meth:`forward_packed`) and returns logits ``[B, num_classes]``.
+    ``forward`` takes a normalized float video ``[B, 3, T, H, W]`` (dense) or :class:`PackedTokens` from
+    :meth:`tokenize` (RLT, packed) and returns logits ``[B, num_classes]``; :meth:`forward_packed` takes a list of
+    uint8 clips of any shapes.
     """
 
     def __init__(self, img_size=224, patch_size=16, num_classes=400, embed_dim=768, depth=12, num_heads=12,
@@ -227,7 +87,9 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.num_classes, self.embed_dim, self.depth = num_classes, embed_dim, depth
         self.patch_size, self.tubelet_size, self.rlt_threshold = patch_size, tubelet_size, rlt_threshold
-        self.patch_embed = PatchEmbed(img_size, patch_size, num_frames, tubelet_size, embed_dim)
+        self.data_config = DataConfig(num_frames=num_frames, img_size=img_size, tubelet_size=tubelet_size,
+                                      patch_size=patch_size)
+        self.patch_embed = PatchEmbed(embed_dim, patch_size, tubelet_size, img_size=img_size, num_frames=num_frames)
         self.img_size, self.num_frames, self.grid = img_size, num_frames, self.patch_embed.grid
         self.register_buffer("pos_embed", sinusoid_table(self.patch_embed.num_patches, embed_dim)[None],
                              persistent=False)
@@ -248,7 +110,14 @@ class VisionTransformer(nn.Module):
                 self.head.bias.mul_(init_scale)
 
     def forward(self, x: Tensor | PackedTokens) -> Tensor:
-        feats = self.forward_packed_features(x) if isinstance(x, PackedTokens) else self.forward_features(x)
+        if isinstance(x, PackedTokens):
+            _, grid_h, grid_w = self.grid
+            pos = x.positions.long()
+            index = (pos[:, 0] * grid_h + pos[:, 1]) * grid_w + pos[:, 2]
+            packing = Packing.from_cu_seqlens(x.cu_seqlens, x.max_seqlen(), x.patches.shape[0])
+            feats = self.forward_packed_features(x.patches, index, x.lengths, packing)
+        else:
+            feats = self.forward_features(x)
         return self.head(self.head_dropout(feats))
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -262,63 +131,50 @@ class VisionTransformer(nn.Module):
             x = block(x)
         return self.fc_norm(x.mean(1))
 
-    def forward_packed(self, tokens: PackedTokens) -> Tensor:
-        """Packed path: RLT tokens (any number per clip) -> logits [B, num_classes]."""
-        return self(tokens)
-
-    def forward_packed_features(self, tokens: PackedTokens) -> Tensor:
-        x = self.patch_embed.embed_patches(tokens.patches)
-        _, grid_h, grid_w = self.patch_embed.grid
-        pos = tokens.positions.long()
-        index = (pos[:, 0] * grid_h + pos[:, 1]) * grid_w + pos[:, 2]
-        x = x + self.pos_embed[0].index_select(0, index).to(x.dtype)
+    def forward_packed_features(self, patches: Tensor, position_index: Tensor, lengths: Tensor,
+                                packing: Packing) -> Tensor:
+        """Packed path: flattened patches [N, K], their rows of the position table [N], run lengths [N] ->
+        pooled, normalized features [B, D]."""
+        x = self.patch_embed.embed_patches(patches)
+        x = x + self.pos_embed[0].index_select(0, position_index).to(x.dtype)
         if self.length_embed is not None:
-            x = x + self.length_embed.index_select(0, tokens.lengths.long() - 1).to(x.dtype)
+            x = x + self.length_embed.index_select(0, lengths.long() - 1).to(x.dtype)
         x = self.pos_drop(x)
-        packing = Packing(tokens.cu_seqlens, tokens.max_seqlen())
         for block in self.blocks:
             x = block(x, packing)
-        return self.fc_norm(segment_mean(x, tokens.cu_seqlens))
+        return self.fc_norm(packing.mean(x))
+
+    def forward_packed(self, clips: Sequence[Tensor], threshold: float | None = None) -> Tensor:
+        """Logits [len(clips), num_classes] of uint8 clips ``[T_i, H_i, W_i, 3]`` of any shapes (multiples of the
+        tubelet and patch, at most the model's token count), RLT-tokenized and run as one packed sequence. A clip
+        of another shape gets the position-table rows of its own raster order, as the official model built for
+        that shape would (the sinusoid table of fewer positions is a prefix of this one)."""
+        if not clips:
+            raise ValueError("clips: expected at least one clip")
+        patches, index, lengths, counts = [], [], [], []
+        for i, clip in enumerate(clips):
+            if clip.dim() != 4:
+                raise ValueError(f"clips[{i}]: expected uint8 [T, H, W, 3]; got {tuple(clip.shape)}")
+            grid_h, grid_w = clip.shape[1] // self.patch_size, clip.shape[2] // self.patch_size
+            if (clip.shape[0] // self.tubelet_size) * grid_h * grid_w > self.patch_embed.num_patches:
+                raise ValueError(f"clips[{i}]: {tuple(clip.shape)} gives more tokens than the model's "
+                                 f"{self.patch_embed.num_patches} positions (grid {self.grid})")
+            tokens = self.tokenize(clip[None], threshold)
+            pos = tokens.positions.long()
+            patches.append(tokens.patches)
+            index.append((pos[:, 0] * grid_h + pos[:, 1]) * grid_w + pos[:, 2])
+            lengths.append(tokens.lengths)
+            counts.append(tokens.patches.shape[0])
+        packing = Packing.from_lengths(counts, patches[0].device)
+        feats = self.forward_packed_features(torch.cat(patches), torch.cat(index), torch.cat(lengths), packing)
+        return self.head(self.head_dropout(feats))
 
     def tokenize(self, video: Tensor, threshold: float | None = None) -> PackedTokens:
-        """RLT tokens of a uint8 ``[B, T, H, W, 3]`` video with this model's tubelet and patch size."""
+        """RLT tokens of a uint8 ``[B, T, H, W, 3]`` video with this model's tubelet, patch and normalization."""
         threshold = self.rlt_threshold if threshold is None else threshold
-        return rlt_tokenize(video, self.tubelet_size, self.patch_size, threshold, out_dtype=self.pos_embed.dtype)
-
-    def load_checkpoint(self, source, hf_eps: bool = True) -> "VisionTransformer":
-        """Loads an official fine-tuned checkpoint (strict), an official pretraining checkpoint (its encoder; the
-        new ``fc_norm``/``head`` keep their initialization), or a Hugging Face ``VideoMAEForVideoClassification`` /
-        ``VideoMAEForPreTraining`` checkpoint. ``source``: a ``.pth``/``.bin``/``.safetensors`` file, a Hugging Face
-        folder, or a state dict. A head whose class count differs from the model's is dropped with a warning.
-
-        ``hf_eps``: for a Hugging Face checkpoint, use its LayerNorm epsilons (``layer_norm_eps`` from the folder's
-        config.json, else its default 1e-12; 1e-5 for ``fc_norm``) so logits match ``transformers``.
-        """
-        state, hf_config = read_checkpoint(source)
-        from_pretraining = any(k.startswith(("encoder.", "decoder.")) for k in state)
-        if from_pretraining:
-            decoder_only = ("decoder.", "encoder_to_decoder.", "mask_token")
-            state = {k.removeprefix("encoder."): v for k, v in state.items() if not k.startswith(decoder_only)}
-            state.pop("norm.weight", None)  # the pretraining encoder's final norm; mean pooling uses fc_norm
-            state.pop("norm.bias", None)
-        own_keys = self.state_dict()
-        # A pretraining encoder brings neither fc_norm nor head: both keep their initialization.
-        allowed_missing = {k for k in own_keys if k.startswith(("fc_norm.", "head."))} if from_pretraining else set()
-        if "head.weight" in state and state["head.weight"].shape != own_keys.get("head.weight", torch.empty(0)).shape:
-            warnings.warn(f"checkpoint head {tuple(state['head.weight'].shape)} does not fit the model's "
-                          f"{self.num_classes} classes; keeping the model's head")
-            state.pop("head.weight")
-            state.pop("head.bias", None)
-            allowed_missing |= {"head.weight", "head.bias"}
-        if self.length_embed is not None:
-            allowed_missing.add("length_embed")
-        _load_exact(self, state, allowed_missing)
-        if hf_config is not None and hf_eps:
-            eps = hf_config.get("layer_norm_eps", 1e-12)
-            for block in self.blocks:
-                block.norm1.eps = block.norm2.eps = eps
-            self.fc_norm.eps = 1e-5
-        return self
+        config = self.data_config
+        return rlt_tokenize(video, self.tubelet_size, self.patch_size, threshold, config.mean, config.std,
+                            out_dtype=self.pos_embed.dtype)
 
 
 class PretrainVisionTransformerEncoder(nn.Module):
@@ -327,7 +183,7 @@ class PretrainVisionTransformerEncoder(nn.Module):
     def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate,
                  num_frames, tubelet_size):
         super().__init__()
-        self.patch_embed = PatchEmbed(img_size, patch_size, num_frames, tubelet_size, embed_dim)
+        self.patch_embed = PatchEmbed(embed_dim, patch_size, tubelet_size, img_size=img_size, num_frames=num_frames)
         self.register_buffer("pos_embed", sinusoid_table(self.patch_embed.num_patches, embed_dim)[None],
                              persistent=False)
         self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate=drop_path_rate)
@@ -361,7 +217,7 @@ class PretrainVisionTransformer(nn.Module):
     ``forward(video, mask, decode_mask)``: ``mask`` bool [B, N] (True = hidden from the encoder, e.g. a tube mask),
     ``decode_mask`` bool [B, N] (True = dropped by the decoder, e.g. running-cell mask; ``None`` = V1 behaviour,
     the decoder predicts exactly the encoder-masked tokens). Returns pixel predictions [B, N_dec, tubelet*p*p*3]
-    for the decoder-kept tokens in raster order; :func:`pretrain_loss` turns them into the loss.
+    for the decoder-kept tokens in raster order (the pretraining objective turns them into the loss).
     """
 
     def __init__(self, img_size=224, patch_size=16, encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
@@ -370,6 +226,8 @@ class PretrainVisionTransformer(nn.Module):
         super().__init__()
         self.patch_size, self.tubelet_size = patch_size, tubelet_size
         self.img_size, self.num_frames = img_size, num_frames
+        self.data_config = DataConfig(num_frames=num_frames, img_size=img_size, tubelet_size=tubelet_size,
+                                      patch_size=patch_size)
         self.encoder = PretrainVisionTransformerEncoder(img_size, patch_size, encoder_embed_dim, encoder_depth,
                                                         encoder_num_heads, mlp_ratio, qkv_bias, drop_path_rate,
                                                         num_frames, tubelet_size)
@@ -393,22 +251,6 @@ class PretrainVisionTransformer(nn.Module):
         pos_decoded = pos[decoded].reshape(batch, -1, dim)
         tokens = torch.cat([visible + pos_visible, self.mask_token.to(visible.dtype) + pos_decoded], dim=1)
         return self.decoder(tokens, pos_decoded.shape[1])
-
-    def load_checkpoint(self, source, hf_eps: bool = True) -> "PretrainVisionTransformer":
-        """Loads an official pretraining checkpoint or a Hugging Face ``VideoMAEForPreTraining`` one (strict).
-        ``hf_eps`` as in :meth:`VisionTransformer.load_checkpoint` (HF's decoder ``norm`` uses 1e-5)."""
-        state, hf_config = read_checkpoint(source)
-        if hf_config is not None or not any(k.startswith("encoder.") for k in state):
-            backbone = ("patch_embed.", "blocks.", "norm.")
-            state = {("encoder." + k if k.startswith(backbone) else k): v for k, v in state.items()}
-        _load_exact(self, state, set())
-        if hf_config is not None and hf_eps:
-            eps = hf_config.get("layer_norm_eps", 1e-12)
-            for block in [*self.encoder.blocks, *self.decoder.blocks]:
-                block.norm1.eps = block.norm2.eps = eps
-            self.encoder.norm.eps = eps
-            self.decoder.norm.eps = 1e-5
-        return self
 
 
 def pretrain_targets(video: Tensor, tubelet: int, patch: int, normalize: bool = True, mean=IMAGENET_MEAN,
@@ -447,38 +289,61 @@ def pretrain_loss(model: nn.Module, video: Tensor, mask: Tensor, decode_mask: Te
 # Checkpoints
 
 
-def read_checkpoint(source) -> tuple[dict[str, Tensor], dict | None]:
-    """State dict in official names from a file, a folder or a dict, and the Hugging Face config (a dict, ``{}``
-    without config.json) when the checkpoint is in Hugging Face layout, else ``None``."""
-    config = None
-    if isinstance(source, dict):
-        state = source
-    else:
-        path = Path(source)
-        if path.is_dir():
-            config_path = path / "config.json"
-            config = json.loads(config_path.read_text()) if config_path.exists() else {}
-            files = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()]
-            if not files:
-                raise FileNotFoundError(f"source: {path} holds neither model.safetensors nor pytorch_model.bin")
-            path = files[0]
-        elif (path.parent / "config.json").exists() and path.suffix in (".safetensors", ".bin"):
-            config = json.loads((path.parent / "config.json").read_text())
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+def _is_hugging_face(state_dict: dict[str, Tensor]) -> bool:
+    return any(k.startswith(("videomae.", "embeddings.patch_embeddings")) for k in state_dict)
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("model", "module", "state_dict", "model_state"):
-        if isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-            break
-    state = {_strip_prefixes(k): v for k, v in state.items()}
-    if any(k.startswith(("videomae.", "embeddings.patch_embeddings")) for k in state):
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """An official or Hugging Face VideoMAE checkpoint -> ``model``'s state dict names (pure; reads ``model``
+    only for its own tensors).
+
+    Strips ``_orig_mod.``/``module.``/``backbone.`` prefixes and maps Hugging Face names. For a
+    :class:`VisionTransformer`: a pretraining checkpoint gives its encoder (the decoder and the encoder's final
+    ``norm`` go; ``fc_norm``/``head`` keep the model's initialization); a head whose class count differs from the
+    model's is replaced by the model's own, with a warning; a missing ``length_embed`` keeps the model's. For a
+    :class:`PretrainVisionTransformer`: backbone names of a Hugging Face or encoder-only layout get ``encoder.``.
+    """
+    state = {_strip_prefixes(k): v for k, v in state_dict.items()}
+    if _is_hugging_face(state):
         state = hf_to_official(state)
-        config = {} if config is None else config
-    return state, config
+    if isinstance(model, PretrainVisionTransformer):
+        if not any(k.startswith("encoder.") for k in state):
+            backbone = ("patch_embed.", "blocks.", "norm.")
+            state = {("encoder." + k if k.startswith(backbone) else k): v for k, v in state.items()}
+        return state
+    own = model.state_dict()
+    if any(k.startswith(("encoder.", "decoder.")) for k in state):  # a pretraining checkpoint: its encoder
+        decoder_only = ("decoder.", "encoder_to_decoder.", "mask_token")
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if not k.startswith(decoder_only)}
+        state.pop("norm.weight", None)  # the pretraining encoder's final norm; mean pooling uses fc_norm
+        state.pop("norm.bias", None)
+        state.update({k: v for k, v in own.items() if k.startswith(("fc_norm.", "head."))})
+    if "head.weight" in state and state["head.weight"].shape != own.get("head.weight", torch.empty(0)).shape:
+        warnings.warn(f"checkpoint head {tuple(state['head.weight'].shape)} does not fit the model's "
+                      f"{model.num_classes} classes; keeping the model's head")
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        state.update({k: v for k, v in own.items() if k.startswith("head.")})
+    if "length_embed" in own and "length_embed" not in state:
+        state["length_embed"] = own["length_embed"]
+    return state
+
+
+def checkpoint_config_fn(model: nn.Module, state_dict: dict[str, Tensor], hf_config: dict | None) -> None:
+    """For a Hugging Face checkpoint, takes its LayerNorm epsilons (``layer_norm_eps`` of config.json, else the
+    transformers default 1e-12; 1e-5 for the classifier's ``fc_norm`` and the decoder's ``norm``) so outputs match
+    ``transformers``; the official models use 1e-6 everywhere."""
+    if hf_config is None and not _is_hugging_face({_strip_prefixes(k): None for k in state_dict}):
+        return
+    eps = (hf_config or {}).get("layer_norm_eps", 1e-12)
+    if isinstance(model, PretrainVisionTransformer):
+        for block in [*model.encoder.blocks, *model.decoder.blocks]:
+            block.norm1.eps = block.norm2.eps = eps
+        model.encoder.norm.eps = eps
+        model.decoder.norm.eps = 1e-5
+    else:
+        for block in model.blocks:
+            block.norm1.eps = block.norm2.eps = eps
+        model.fc_norm.eps = 1e-5
 
 
 def _strip_prefixes(key: str) -> str:
@@ -535,16 +400,6 @@ def hf_to_official(hf_state: dict[str, Tensor]) -> dict[str, Tensor]:
             out[block + "attn.q_bias"] = q_bias
             out[block + "attn.v_bias"] = v_bias
     return out
-
-
-def _load_exact(model: nn.Module, state: dict[str, Tensor], allowed_missing: set[str]) -> None:
-    """load_state_dict that fails on any unexpected key, any shape mismatch and any missing key not allowed."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in allowed_missing]
-    if missing or unexpected:
-        raise RuntimeError(f"source: checkpoint does not fit {type(model).__name__}: missing {missing[:8]}"
-                           f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                           f"{' ...' if len(unexpected) > 8 else ''}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -623,44 +478,3 @@ def pretrain_videomae_huge_patch16_224(**kwargs):
 @register_model
 def pretrain_videomae_giant_patch14_224(**kwargs):
     return _pretrain("giant", **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Dense versus packed, for the demo and the benchmark
-
-
-@torch.no_grad()
-def compare_dense_packed(model: VisionTransformer, video: Tensor, threshold: float | None = None,
-                         repeats: int = 1) -> dict:
-    """Runs ``model`` on a uint8 video ``[B, T, H, W, 3]`` (or one clip ``[T, H, W, 3]``) densely and RLT-packed.
-
-    Returns the two logits, the median wall times in ms over ``repeats`` (the packed time includes tokenization),
-    the tokens kept per clip, the tokens per clip of the dense path, the share kept and the speed-up.
-    """
-    if video.dim() == 4:
-        video = video[None]
-    model.eval()
-    device = model.pos_embed.device
-    video = video.to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def timed(fn):
-        times, out = [], None
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            out = fn()
-            sync()
-            times.append((time.perf_counter() - start) * 1e3)
-        return out, sorted(times)[len(times) // 2]
-
-    dense_logits, dense_ms = timed(lambda: model(normalize_video(video, dtype=model.pos_embed.dtype)))
-    tokens = model.tokenize(video, threshold)
-    packed_logits, packed_ms = timed(lambda: model(model.tokenize(video, threshold)))
-    kept = (tokens.cu_seqlens[1:] - tokens.cu_seqlens[:-1]).tolist()
-    total = model.patch_embed.num_patches
-    return {
-        "dense_logits": dense_logits, "packed_logits": packed_logits, "dense_ms": dense_ms, "packed_ms": packed_ms,
-        "tokens_kept": kept, "tokens_per_clip": total, "share_kept": sum(kept) / (total * len(kept)),
-        "speedup": dense_ms / packed_ms,
-    }
