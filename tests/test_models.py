@@ -15,6 +15,9 @@ from pyvidfast.models.layers import (Attention, DropPath, LayerScale, Mlp, Patch
                                      normalize_video)
 from pyvidfast.models.videomae import PretrainVisionTransformer, VisionTransformer
 from pyvidfast.ops import IMAGENET_MEAN, IMAGENET_STD
+from tests.conftest import requires_cuda_kernels
+
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda_kernels)]
 
 
 def ref_attention(q, k, v):
@@ -27,15 +30,16 @@ def ref_attention(q, k, v):
 # --- Packing ------------------------------------------------------------------------------------------------------
 
 
-def test_packing_bounds_mean_and_split():
+@pytest.mark.parametrize("device", DEVICES)
+def test_packing_bounds_mean_and_split(device):
     lengths = [3, 0, 7, 2]
-    packing = Packing.from_lengths(lengths, "cpu")
+    packing = Packing.from_lengths(lengths, device)
     assert packing.cu_seqlens.dtype == torch.int32 and packing.cu_seqlens.tolist() == [0, 3, 3, 10, 12]
     assert packing.max_seqlen == 7 and packing.num_clips == 4
     assert packing.clip_of_token.dtype == torch.int64
     assert packing.clip_of_token.tolist() == [0] * 3 + [2] * 7 + [3] * 2
-    x = torch.randn(12, 5, dtype=torch.float64)
-    expected = torch.stack([x[:3].mean(0), torch.zeros(5, dtype=torch.float64), x[3:10].mean(0), x[10:].mean(0)])
+    x = torch.randn(12, 5, dtype=torch.float64, device=device)
+    expected = torch.stack([x[:3].mean(0), x.new_zeros(5), x[3:10].mean(0), x[10:].mean(0)])
     torch.testing.assert_close(packing.mean(x), expected)
     assert [t.shape[0] for t in packing.split(x)] == lengths
     assert torch.equal(torch.cat(packing.split(x)), x)
@@ -47,16 +51,17 @@ def test_packing_bounds_mean_and_split():
 # --- attention ----------------------------------------------------------------------------------------------------
 
 
-def test_attention_dense_and_packed_against_reference():
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_dense_and_packed_against_reference(device):
     gen = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(2, 9, 3, 8, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(2, 9, 3, 8, generator=gen).to(device) for _ in range(3))
     dense = attention(q, k, v)
     assert dense.shape == (2, 9, 3, 8)
     for b in range(2):
         torch.testing.assert_close(dense[b].double(), ref_attention(q[b], k[b], v[b]), atol=1e-5, rtol=1e-5)
     lengths = [5, 1, 11]
-    packing = Packing.from_lengths(lengths, "cpu")
-    qp, kp, vp = (torch.randn(17, 3, 8, generator=gen) for _ in range(3))
+    packing = Packing.from_lengths(lengths, device)
+    qp, kp, vp = (torch.randn(17, 3, 8, generator=gen).to(device) for _ in range(3))
     packed = attention(qp, kp, vp, packing)
     assert packed.shape == (17, 3, 8)
     for (s, e) in zip(packing.cu_seqlens[:-1].tolist(), packing.cu_seqlens[1:].tolist()):
