@@ -225,7 +225,8 @@ def _save_layouts(state, folder):
     save_file(state, paths[".safetensors"])
     names = sorted(state)
     halves = (names[: len(names) // 2], names[len(names) // 2:])
-    for kind, fmt in (("safetensors", "model-{:05d}-of-00002.safetensors"), ("bin", "pytorch_model-{:05d}-of-00002.bin")):
+    shard_names = (("safetensors", "model-{:05d}-of-00002.safetensors"), ("bin", "pytorch_model-{:05d}-of-00002.bin"))
+    for kind, fmt in shard_names:
         hf = folder / f"hf_sharded_{kind}"
         hf.mkdir()
         weight_map = {}
