@@ -1,0 +1,57 @@
+"""pyvidfast's build backend: scikit-build-core, behind two checks that turn a confusing failure into a clear message.
+
+pyvidfast compiles against the torch already installed (its headers, libraries, CMake config and CUDA version), as
+flash-attention and torchcodec do, so it is built without build isolation (`pip install --no-build-isolation .`):
+an isolated build environment holds no torch, or would fetch a second one (about 5 GB) that need not match the
+torch the extension then runs with. Without isolation pip installs no build tools, so they are checked here.
+"""
+
+import importlib.util
+
+BUILD_TOOLS = "pip install 'scikit-build-core>=0.10' 'cmake>=3.30' ninja"
+
+if importlib.util.find_spec("scikit_build_core") is None:
+    raise ImportError(
+        "pyvidfast builds with scikit-build-core, CMake and Ninja, which pip does not install without build "
+        f"isolation. Install them first:\n    {BUILD_TOOLS}\n    pip install --no-build-isolation .")
+
+from scikit_build_core import build as _scikit_build  # noqa: E402
+from scikit_build_core.build import build_sdist, get_requires_for_build_sdist  # noqa: E402,F401
+
+
+def _require_torch() -> None:
+    if importlib.util.find_spec("torch") is None:
+        raise RuntimeError(
+            "pyvidfast compiles against the torch of the environment it is installed into, and this build cannot "
+            "see one: pip isolates builds unless told not to. Install torch, then the build tools, and build "
+            f"without isolation:\n    {BUILD_TOOLS}\n    pip install --no-build-isolation .\n(see docs/install.md)")
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    _require_torch()
+    return _scikit_build.get_requires_for_build_wheel(config_settings)
+
+
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    _require_torch()
+    return _scikit_build.prepare_metadata_for_build_wheel(metadata_directory, config_settings)
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    _require_torch()
+    return _scikit_build.build_wheel(wheel_directory, config_settings, metadata_directory)
+
+
+def get_requires_for_build_editable(config_settings=None):
+    _require_torch()
+    return _scikit_build.get_requires_for_build_editable(config_settings)
+
+
+def prepare_metadata_for_build_editable(metadata_directory, config_settings=None):
+    _require_torch()
+    return _scikit_build.prepare_metadata_for_build_editable(metadata_directory, config_settings)
+
+
+def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
+    _require_torch()
+    return _scikit_build.build_editable(wheel_directory, config_settings, metadata_directory)
