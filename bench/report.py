@@ -40,16 +40,26 @@ def load_run(name: str, results_dir: Path) -> dict | None:
 
 
 def caption(runs: dict[str, dict]) -> str:
-    """One line per machine and torch: CPU model, ISA, threads, torch version, GPU if any, and each run's date."""
-    groups: dict[str, list[str]] = {}
+    """One line per machine and torch: CPU model, ISA, threads, torch version, GPU if any, the date of the run(s)
+    and the JSON files."""
+    groups: dict[str, list[tuple[str, str]]] = {}
     for name, run in runs.items():
         m = run.get("machine", {})
         where = (f"{m.get('cpu_model', m.get('cpu', 'unknown CPU'))}, {m.get('isa', 'unknown ISA')}, "
                  f"{m.get('threads', '?')} threads, torch {m.get('torch', '?')}")
         if m.get("gpu"):
             where += f", GPU {m['gpu']}"
-        groups.setdefault(where, []).append(f"`bench/results/{name}.json` {m.get('date', 'undated')}")
-    return "\n".join(f"_Run on {where}: {', '.join(files)}._" for where, files in groups.items())
+        groups.setdefault(where, []).append((name, m.get("date", "undated")))
+    lines = []
+    for where, items in groups.items():
+        dates = sorted({date for _, date in items})
+        if len(dates) == 1:
+            files = ", ".join(f"`bench/results/{name}.json`" for name, _ in items)
+            lines.append(f"_Run on {where}, {dates[0]}: {files}._")
+        else:
+            files = ", ".join(f"`bench/results/{name}.json` {date}" for name, date in items)
+            lines.append(f"_Runs on {where}: {files}._")
+    return "\n".join(lines)
 
 
 def not_run(command: str, name: str) -> str:
