@@ -6,6 +6,7 @@ an isolated build environment holds no torch, or would fetch a second one (about
 torch the extension then runs with. Without isolation pip installs no build tools, so they are checked here.
 """
 
+import functools
 import importlib.util
 
 BUILD_TOOLS = "pip install 'scikit-build-core>=0.10' 'cmake>=3.30' ninja"
@@ -27,31 +28,19 @@ def _require_torch() -> None:
             f"without isolation:\n    {BUILD_TOOLS}\n    pip install --no-build-isolation .\n(see docs/install.md)")
 
 
-def get_requires_for_build_wheel(config_settings=None):
-    _require_torch()
-    return _scikit_build.get_requires_for_build_wheel(config_settings)
+def _needs_torch(hook):
+    """scikit-build-core's hook, after checking that the build sees torch (source distributions need none)."""
+    @functools.wraps(hook)
+    def checked(*args, **kwargs):
+        _require_torch()
+        return hook(*args, **kwargs)
+
+    return checked
 
 
-def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
-    _require_torch()
-    return _scikit_build.prepare_metadata_for_build_wheel(metadata_directory, config_settings)
-
-
-def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
-    _require_torch()
-    return _scikit_build.build_wheel(wheel_directory, config_settings, metadata_directory)
-
-
-def get_requires_for_build_editable(config_settings=None):
-    _require_torch()
-    return _scikit_build.get_requires_for_build_editable(config_settings)
-
-
-def prepare_metadata_for_build_editable(metadata_directory, config_settings=None):
-    _require_torch()
-    return _scikit_build.prepare_metadata_for_build_editable(metadata_directory, config_settings)
-
-
-def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
-    _require_torch()
-    return _scikit_build.build_editable(wheel_directory, config_settings, metadata_directory)
+get_requires_for_build_wheel = _needs_torch(_scikit_build.get_requires_for_build_wheel)
+prepare_metadata_for_build_wheel = _needs_torch(_scikit_build.prepare_metadata_for_build_wheel)
+build_wheel = _needs_torch(_scikit_build.build_wheel)
+get_requires_for_build_editable = _needs_torch(_scikit_build.get_requires_for_build_editable)
+prepare_metadata_for_build_editable = _needs_torch(_scikit_build.prepare_metadata_for_build_editable)
+build_editable = _needs_torch(_scikit_build.build_editable)
