@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "bench" / "results"
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.DOTALL)
 
 
@@ -151,7 +150,7 @@ def headline_model(run: dict, name: str) -> list[list[str]]:
     return rows
 
 
-# The headline: (run, command that makes it, rows it gives), in the README's order.
+# The headline, in the README's order: (run, the command that makes it, the rows it gives, what a missing row names).
 HEADLINE = [
     ("rlt", "python -m bench.rlt", headline_rlt, "`rlt_tokenize`"),
     ("varlen_attention", "python -m bench.varlen_attention", headline_varlen_attention, "`varlen_attention`"),

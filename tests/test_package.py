@@ -191,8 +191,8 @@ def test_report_fills_tables_from_runs_and_check_sees_changes(tmp_path):
     assert report.main(["--root", str(root)]) == 0
     page = (root / "docs" / "rlt.md").read_text()
     assert page == ("a\n<!-- table: rlt -->\n_Run on Test CPU 9000, avx512_bf16, 3 threads, torch 2.99.0, "
-                    "2026-01-02T03:04:05+00:00: `bench/results/rlt.json`._\n\n| path | ms |\n|---|---|\n| ours | 0.5 |\n"
-                    "<!-- end table -->\nb\n")
+                    "2026-01-02T03:04:05+00:00: `bench/results/rlt.json`._\n\n"
+                    "| path | ms |\n|---|---|\n| ours | 0.5 |\n<!-- end table -->\nb\n")
     assert report.main(["--root", str(root), "--check"]) == 0
     run = json.loads((root / "bench" / "results" / "rlt.json").read_text())
     run["table"] = run["table"].replace("0.5", "0.6")
