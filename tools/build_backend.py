@@ -24,8 +24,9 @@ def _require_torch() -> None:
     if importlib.util.find_spec("torch") is None:
         raise RuntimeError(
             "pyvidfast compiles against the torch of the environment it is installed into, and this build cannot "
-            "see one: pip isolates builds unless told not to. Install torch, then the build tools, and build "
-            f"without isolation:\n    {BUILD_TOOLS}\n    pip install --no-build-isolation .\n(see docs/install.md)")
+            "see one: torch is not installed, or pip isolated the build (its default). Install torch, then the build "
+            f"tools, and build without isolation:\n    {BUILD_TOOLS}\n    pip install --no-build-isolation .\n"
+            "(see docs/install.md)")
 
 
 def _needs_torch(hook):
