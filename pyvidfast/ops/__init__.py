@@ -1,5 +1,4 @@
 """Python wrappers, fake kernels and autograd formulas of the ``torch.ops.vidfast`` custom ops."""
-
 from pyvidfast._library import load_library
 
 load_library()  # before the wrappers register fakes: without a build, a clear ImportError
