@@ -21,7 +21,11 @@ system:
 	if [ -n "$$missing" ]; then echo "installing Debian packages:" $$missing; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
 
+# The venv's path file puts this checkout on sys.path, so `.venv/bin/python -c "import pyvidfast"` works from any
+# folder (the library is built in place, into pyvidfast/). Rewritten only when the checkout has moved.
 venv: $(VENV)/.requirements.stamp
+	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
+	[ "$$(cat $$site/pyvidfast-checkout.pth 2>/dev/null)" = "$(CURDIR)" ] || echo "$(CURDIR)" > $$site/pyvidfast-checkout.pth
 
 $(VENV)/.requirements.stamp: requirements.txt
 	[ -x $(PY) ] || python3 -m venv $(VENV)
@@ -40,11 +44,14 @@ build: system venv
 	$(VENV)/bin/cmake --build $(BUILD_DIR) || exit 1; \
 	echo "build: $$(( $$(date +%s) - start )) s"
 
+# Needs no build: `import pyvidfast` loads the compiled library only when there is one.
 samples: venv
 	$(PY) -m pyvidfast samples
 
+# Every CPU benchmark, then the doc tables from their JSON (bench/results/*.json).
 bench: build samples
-	for b in bench/*.py; do m=$$(basename $$b .py); case $$m in common|__init__) ;; *) $(PY) -m bench.$$m || exit 1;; esac; done
+	for b in bench/*.py; do m=$$(basename $$b .py); case $$m in common*|report|__init__) ;; *) $(PY) -m bench.$$m || exit 1;; esac; done
+	$(PY) -m bench.report
 
 clean:
 	rm -rf build pyvidfast/_C*.so

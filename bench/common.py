@@ -1,10 +1,12 @@
-"""Shared benchmark harness: medians over repeats, the machine's limits measured in the same run, JSON output,
-and a Markdown table for the README."""
+"""Shared benchmark harness: medians over repeats, the machine's limits measured in the same run, JSON output
+(with the machine it ran on), and the Markdown table that ``python -m bench.report`` puts into the docs."""
 
 import json
+import os
 import platform
 import statistics
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -54,12 +56,45 @@ def matmul_rate(n: int = 1024, dtype=torch.float32, repeats: int = 5) -> dict:
     return {**by_path[best], "n": n, "dtype": str(dtype), "path": best, "by_path": by_path}
 
 
+# CPU features that decide which kernels run (ATen's and ours): the widest vector ISA and the dot-product extensions.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_vbmi", "avx512_bf16",
+             "amx_bf16", "amx_tile")
+
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """The CPU's model name and which of ISA_FLAGS it has, from /proc/cpuinfo (Linux; elsewhere platform's guess)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return fields.get("model name", platform.machine()), [f for f in ISA_FLAGS if f in flags]
+
+
+def isa_level(flags: list[str]) -> str:
+    """avx512_bf16, avx512, avx2 or baseline: the level a reader compares runs by."""
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else "baseline"
+
+
 def machine() -> dict:
+    model, flags = cpu_model_and_flags()
     return {
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": model,
+        "isa": isa_level(flags),
+        "isa_flags": flags,
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 

@@ -168,10 +168,11 @@ def main() -> None:
           f"(FluxViT); {device.type} {dtype}, medians of "
           f"{args.repeats} interleaved rounds; machine limit: {limit['path']} matmul {limit['gflop_per_s']:.0f} GFLOP/s; "
           f"{torch.get_num_threads()} threads, load average {load:.1f} on {os.cpu_count()} CPUs")
-    print(markdown_table(headers, rows))
+    table = markdown_table(headers, rows)
+    print(table)
     path = write_json("model", {"batch": batch, "device": device.type, "dtype": str(dtype), "limit": limit,
                                 "threshold": args.threshold, "threads": torch.get_num_threads(),
-                                "load_average": load, "results": records})
+                                "load_average": load, "results": records, "table": table})
     png = plot(records, RESULTS_DIR / "model_speedup.png")
     print(f"wrote {path} and {png}")
 

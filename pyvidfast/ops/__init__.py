@@ -1,4 +1,7 @@
 """Python wrappers, fake kernels and autograd formulas of the ``torch.ops.vidfast`` custom ops."""
+from pyvidfast._library import load_library
+
+load_library()  # before the wrappers register fakes: without a build, a clear ImportError
 
 from pyvidfast.ops.attention import varlen_attention
 from pyvidfast.ops.rlt import IMAGENET_MEAN, IMAGENET_STD, PackedTokens, RLTTokenizer, rlt_mask, rlt_tokenize
