@@ -8,7 +8,7 @@ from torch import nn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 # Families register on import; listed here so create_model finds every name without importing by hand.
-_FAMILIES = ("videomae", "fluxvit")
+_FAMILIES = ("videomae", "fluxvit", "videoxl")
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
