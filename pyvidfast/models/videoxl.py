@@ -98,20 +98,24 @@ class BeaconSettings:
             raise ValueError(f"config.beacon_param: only ['q', 'k', 'v'] is implemented; got {get('beacon_param', None)}")
         ratios = get("beacon_ratio", [2, 4, 8, 12, 16])
         ratios = tuple(int(r) for r in (ratios if isinstance(ratios, (list, tuple)) else [ratios]))
-        check_ratios(ratios, window)
+        check_ratios(ratios, window, "config.beacon_ratio")
         return cls(window=window, ratios=ratios, embed_init=get("beacon_embed_init", "eos"),
                    select_layer=int(get("mm_vision_select_layer", -2)),
                    select_feature=get("mm_vision_select_feature", "patch"),
                    pool_stride=int(get("mm_spatial_pool_stride", 2)))
 
 
-def check_ratios(ratios: Sequence[int], window: int) -> None:
+def check_ratios(ratios: Sequence[int], window: int, name: str = "ratio") -> None:
     if not ratios:
-        raise ValueError("ratio: expected at least one compression ratio")
+        raise ValueError(f"{name}: expected at least one compression ratio")
     for r in ratios:
         if not isinstance(r, int) or r < 1 or window % r:
-            raise ValueError(f"ratio: every compression ratio must be a positive int dividing beacon_window "
+            raise ValueError(f"{name}: every compression ratio must be a positive int dividing beacon_window "
                              f"({window}); got {r!r}")
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 # ----------------------------------------------------------------------------------------------- interleave
@@ -292,10 +296,11 @@ class VideoXL(Qwen2ForCausalLM):
 
     # ------------------------------------------------------------------------------------------------ vision
 
-    def encode_frames(self, frames: Tensor, chunk: int | None = None) -> Tensor:
+    def encode_frames(self, frames: Tensor, chunk: int | None = None, progress=None) -> Tensor:
         """Visual tokens of ``frames`` ``[F, 3, S, S]`` (CLIP-preprocessed): ``[F * tokens_per_frame, hidden]``.
 
-        CLIP runs on ``chunk`` frames at a time, so the vision pass's memory does not grow with F."""
+        CLIP runs on ``chunk`` frames at a time, so the vision pass's memory does not grow with F.
+        ``progress``: a callable given the number of frames each chunk encoded."""
         size = self.model.vision_tower.image_size
         if frames.dim() != 4 or frames.shape[1] != 3 or tuple(frames.shape[2:]) != (size, size):
             raise ValueError(f"images: expected a video [F, 3, {size}, {size}] of preprocessed frames; "
@@ -313,6 +318,8 @@ class VideoXL(Qwen2ForCausalLM):
                 grid_features = patches.view(n, grid, grid, c).permute(0, 3, 1, 2)
                 pooled = F.avg_pool2d(grid_features, stride).permute(0, 2, 3, 1).reshape(-1, c)
                 out.append(pooled)
+            if progress is not None:
+                progress(n)
         return torch.cat(out)
 
     # ------------------------------------------------------------------------------------------------- steps
@@ -553,7 +560,7 @@ class VideoXL(Qwen2ForCausalLM):
             if attention_mask is not None:  # no loss from or to padding
                 real = attention_mask.bool().to(labels.device)
                 targets[~(real[:, :-1] & real[:, 1:])] = -100
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, self.vocab_size).float(), targets.reshape(-1),
+            loss = F.cross_entropy(_at_least_float32(logits[:, :-1].reshape(-1, self.vocab_size)), targets.reshape(-1),
                                    ignore_index=-100)
         out = CausalLMOutputWithPast(loss=loss, logits=logits)
         out.memory = result.memory
@@ -582,7 +589,7 @@ class VideoXL(Qwen2ForCausalLM):
             if top_p is not None and top_p < 1.0:
                 warpers.append(TopPLogitsWarper(top_p))
         batch = len(result.logits)
-        logits = torch.stack([row[-1] for row in result.logits]).float()
+        logits = _at_least_float32(torch.stack([row[-1] for row in result.logits]))
         done = torch.zeros(batch, dtype=torch.bool)
         tokens = torch.zeros(batch, dtype=torch.long)
         for step in range(max_new_tokens):
@@ -593,14 +600,15 @@ class VideoXL(Qwen2ForCausalLM):
                 picked = scores.argmax(-1)
             active = ~done
             tokens[active] = picked.cpu()
-            full_scores = torch.full((batch, scores.shape[-1]), float("-inf"), device=scores.device)
+            full_scores = scores.new_full((batch, scores.shape[-1]), float("-inf"))
             full_scores[active.to(scores.device)] = scores
             done = done | torch.isin(tokens, eos)
             yield tokens.clone(), full_scores, done.clone()
             if bool(done.all()) or step == max_new_tokens - 1:
                 return
             still = ~done
-            logits = self.decode_step(result.memory, tokens.to(self.lm_head.weight.device), still.tolist()).float()
+            logits = _at_least_float32(self.decode_step(result.memory, tokens.to(self.lm_head.weight.device),
+                                                        still.tolist()))
 
     @torch.no_grad()
     def generate(self, input_ids=None, images=None, modalities=None, attention_mask=None, max_new_tokens=128,
@@ -636,6 +644,46 @@ class VideoXL(Qwen2ForCausalLM):
             return GenerateDecoderOnlyOutput(sequences=sequences, scores=tuple(scores) if output_scores else None)
         return sequences
 
+    # -------------------------------------------------------------------------------------------------- chat
+
+    def chat(self, video: Tensor | str | os.PathLike, prompt: str, tokenizer=None, max_new_tokens: int = 256,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float | None = None,
+             frames: int | None = None, max_frames: int = 1024, ratio: int | Sequence[int] | None = None,
+             system: str = "You are a helpful assistant.", stream: bool = False,
+             generator: torch.Generator | None = None):
+        """Answers ``prompt`` about ``video`` (a path, or preprocessed frames ``[F, 3, S, S]``) with the Qwen
+        ChatML template and the checkpoint folder's tokenizer (or ``tokenizer``). Frames: ``frames`` uniform, or
+        1 fps capped at ``max_frames``. Returns the answer, or with ``stream`` an iterator of its pieces."""
+        tokenizer = tokenizer if tokenizer is not None else getattr(self, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("tokenizer: the checkpoint folder has no tokenizer; pass tokenizer=")
+        if not isinstance(video, Tensor):
+            video = load_video(video, self.model.vision_tower.image_size, frames=frames, max_frames=max_frames)
+        ids = chat_input_ids(tokenizer, prompt, system)
+        device = self.lm_head.weight.device
+        with torch.no_grad():
+            result = self.prefill([ids.to(device)], [video.to(device)], ratio=ratio, generator=generator)
+        pieces = self.stream_text(result, tokenizer, max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                  top_p=top_p, generator=generator)
+        return pieces if stream else "".join(pieces)
+
+    def stream_text(self, result: Prefill, tokenizer, max_new_tokens: int, **sampling) -> Iterator[str]:
+        """The answer after :meth:`prefill` of one prompt as text pieces, up to ChatML's ``<|im_end|>``."""
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        eos = [t for t in {end, tokenizer.eos_token_id, self.config.eos_token_id}
+               if isinstance(t, int) and t != tokenizer.unk_token_id]
+        answer, shown = [], ""
+        with torch.no_grad():
+            for tokens, _, done in self.stream_tokens(result, max_new_tokens, eos_token_id=eos, **sampling):
+                if int(tokens[0]) not in eos:
+                    answer.append(int(tokens[0]))
+                text = tokenizer.decode(answer, skip_special_tokens=True)
+                if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for whole characters
+                    yield text[len(shown):]
+                    shown = text
+                if bool(done[0]):
+                    break
+
     # ------------------------------------------------------------------------------------------- checkpoints
 
     @classmethod
@@ -651,6 +699,7 @@ class VideoXL(Qwen2ForCausalLM):
         with torch.device("meta"):
             model = cls(config, vision_config, vision_chunk=vision_chunk)
         model.load_folder_weights(folder, dtype=dtype, device=device)
+        model.tokenizer = read_folder_tokenizer(folder)
         return model
 
     def load_checkpoint(self, folder: str | os.PathLike) -> "VideoXL":
@@ -660,7 +709,9 @@ class VideoXL(Qwen2ForCausalLM):
         config, vision_config = read_folder_config(folder)
         with torch.device("meta"):
             self.__init__(config, vision_config, vision_chunk=self.vision_chunk)
-        return self.load_folder_weights(folder)
+        self.load_folder_weights(folder)
+        self.tokenizer = read_folder_tokenizer(folder)
+        return self
 
     def load_folder_weights(self, folder: Path, dtype: torch.dtype | None = None,
                             device: str | torch.device = "cpu") -> "VideoXL":
@@ -711,6 +762,53 @@ class VideoXL(Qwen2ForCausalLM):
             self.model.rotary_emb = Qwen2RotaryEmbedding(self.config)
         embeddings = self.model.vision_tower.vision_tower.embeddings
         embeddings.position_ids = torch.arange(embeddings.num_positions, device=device)[None]
+
+
+def read_folder_tokenizer(folder: Path):
+    """The folder's HF tokenizer, or None when it has none."""
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def chat_input_ids(tokenizer, prompt: str, system: str = "You are a helpful assistant.") -> Tensor:
+    """The official ``qwen_1_5`` ChatML prompt with the video before the question, tokenized as the official
+    ``tokenizer_image_token`` does: the text around ``<image>`` tokenized apart, joined by IMAGE_TOKEN_INDEX."""
+    text = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<image>\n{prompt}<|im_end|>\n"
+            f"<|im_start|>assistant\n")
+    before, after = text.split("<image>")
+    ids = (tokenizer(before, add_special_tokens=False)["input_ids"] + [IMAGE_TOKEN_INDEX]
+           + tokenizer(after, add_special_tokens=False)["input_ids"])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def load_video(path: str | os.PathLike, size: int = 336, frames: int | None = None, max_frames: int = 1024,
+               fps: float = 1.0, chunk: int = 32, progress=None) -> Tensor:
+    """Frames of a video file as CLIP expects them: ``frames`` spread uniformly (or ``fps`` per second, capped
+    at ``max_frames``), shortest side resized to ``size`` (antialiased bilinear), center-cropped to
+    ``size x size``, normalized with CLIP's mean and std: float32 ``[F, 3, size, size]``.
+
+    Decodes ``chunk`` frames at a time; ``progress``: a callable given the number decoded each time."""
+    from pyvidfast.io import VideoReader, sampling
+
+    with VideoReader(path) as reader:
+        meta = reader.metadata
+        indices = (sampling.uniform(len(reader), frames) if frames is not None
+                   else sampling.per_second(reader.timestamps(), fps=fps, max_frames=max_frames))
+        scale = size / min(meta.height, meta.width)
+        height, width = max(size, round(meta.height * scale)), max(size, round(meta.width * scale))
+        top, left = (height - size) // 2, (width - size) // 2
+        out = []
+        for start in range(0, len(indices), chunk):
+            with nvtx_range("videoxl.decode"):
+                part = reader.get_frames(indices[start:start + chunk], size=(height, width), layout="CTHW",
+                                         dtype=torch.float32, mean=CLIP_MEAN, std=CLIP_STD)
+                out.append(part[:, :, top:top + size, left:left + size].permute(1, 0, 2, 3))
+            if progress is not None:
+                progress(len(out[-1]))
+    return torch.cat(out)
 
 
 def beacon_names(config: Qwen2Config) -> list[str]:
