@@ -187,7 +187,8 @@ def peak_memory(args, method, frames, ratio) -> int:
             METHODS[method](model, ids, video, ratio)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    cmd = [sys.executable, "-m", "bench.videoxl", "--child", json.dumps([method, frames, ratio, args.preset])]
+    cmd = [sys.executable, "-m", "bench.videoxl", "--child", json.dumps([method, frames, ratio, args.preset]),
+           "--threads", str(torch.get_num_threads())]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800)
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -218,8 +219,11 @@ def main(argv=None):
     p.add_argument("--ratio", type=int, default=16, help="ratio of the frame sweep")
     p.add_argument("--budget-s", type=float, default=60.0, help="skip a method at larger F once one run exceeds it")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         return child(args.child)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
