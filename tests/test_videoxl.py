@@ -487,3 +487,36 @@ def test_cli(folder, sample_clips, capsys):
     out = capsys.readouterr().out
     assert "frames used: 14 (56 visual tokens, 2 windows)" in out
     assert "KV kept:" in out and "VST 7 " in out and "time per stage: load" in out
+
+
+def test_anyres_image(model):
+    from pyvidfast.models.videoxl import anyres_tiles, best_resolution, parse_grid_pinpoints
+
+    assert parse_grid_pinpoints("(1x1),(1x2),(2x1),(2x2)", 56) == [(56, 56), (56, 112), (112, 56), (112, 112)]
+    assert parse_grid_pinpoints("[(56, 112), (112, 56)]") == [(56, 112), (112, 56)]
+    pinpoints = [(56, 112), (112, 56), (112, 112)]
+    # 150 x 100 (w x h): 112x112 keeps 112x74 pixels, more than 84x56 in 112x56 or 56x37 in 56x112
+    assert best_resolution(150, 100, pinpoints) == (112, 112)
+    assert best_resolution(150, 50, pinpoints) == (112, 56)  # both keep 112x37: the least padding wins
+    image = torch.randint(0, 256, (100, 150, 3), dtype=torch.uint8)
+    views = anyres_tiles(image, pinpoints, size=56)
+    assert views.shape == (5, 3, 56, 56)
+    black = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD))[:, None]
+    # 100 rows scaled to ceil(100 * 112 / 150) = 75, centred in 112: 18 black rows on top, 19 below
+    assert torch.allclose(views[1, :, :18].reshape(3, -1), black.expand(3, 18 * 56))
+    assert not torch.allclose(views[1, :, 18].reshape(3, -1), black.expand(3, 56))
+    assert torch.allclose(views[3, :, -19:].reshape(3, -1), black.expand(3, 19 * 56))
+    resized = F.interpolate(image.permute(2, 0, 1)[None].float() / 255, size=(75, 112), mode="bicubic",
+                            antialias=True).clamp(0, 1)[0]
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    # views[3] = tile (row 1, column 0): canvas rows 56..111, columns 0..55; rows 56..92 hold resized rows 38..74
+    assert torch.allclose(views[3, :, :37], (resized[:, 38:75, :56] - mean) / std, atol=1e-6)
+    assert torch.allclose(views[2, :, 18:56], (resized[:, :38, 56:] - mean) / std, atol=1e-6)  # (0, 1)
+    # the model skips the base view and reads the tiles like frames
+    ids = prompt(2, 3)
+    with torch.no_grad():
+        as_image = model(ids[None], images=[views.double()], modalities=["image"], ratio=4).logits
+        as_tiles = model(ids[None], images=[views[1:].double()], modalities=["video"], ratio=4).logits
+    assert torch.equal(as_image, as_tiles)
+    with pytest.raises(ValueError, match="1 \\+ n"):
+        model(ids[None], images=[views[:1].double()], modalities=["image"])

@@ -518,8 +518,17 @@ class VideoXL(Qwen2ForCausalLM):
             if len(images) != len(prompts):
                 raise ValueError(f"images: expected one video per prompt ({len(prompts)}); got {len(images)}")
             modalities = modalities or ["video"] * len(images)
-            if any(m != "video" for m in modalities):
-                raise ValueError(f"modalities: only 'video' is implemented; got {modalities}")
+            if len(modalities) != len(images) or any(m not in ("video", "image") for m in modalities):
+                raise ValueError(f"modalities: expected 'video' or 'image' per entry of images; got {modalities}")
+            # an anyres image [1 + n, 3, S, S] (base view, then n tiles): the base view is never used (unires);
+            # the tiles are encoded like frames, 144 tokens each
+            for b, m in enumerate(modalities):
+                if m == "image":
+                    if images[b].dim() != 4 or len(images[b]) < 2:
+                        raise ValueError(f"images: an 'image' entry must be anyres_tiles' [1 + n, 3, S, S] with "
+                                         f"n >= 1 tiles; got {tuple(images[b].shape)}")
+                    images = list(images)
+                    images[b] = images[b][1:]
         for name, given in (("beacon_skip_first", beacon_skip_first), ("beacon_skip_last", beacon_skip_last)):
             if given is None or images is None:
                 continue
@@ -809,6 +818,62 @@ def load_video(path: str | os.PathLike, size: int = 336, frames: int | None = No
             if progress is not None:
                 progress(len(out[-1]))
     return torch.cat(out)
+
+
+def parse_grid_pinpoints(pinpoints, size: int = 336) -> list[tuple[int, int]]:
+    """``config.image_grid_pinpoints`` as (width, height) pairs: a list, its string form, or the range form
+    ``"(1x1),...,(6x6)"`` (tile counts, times ``size``)."""
+    import ast
+    import re
+
+    if isinstance(pinpoints, str) and "x" in pinpoints:
+        matches = re.findall(r"\((\d+)x(\d+)\)", pinpoints)
+        (w0, h0), (w1, h1) = tuple(map(int, matches[0])), tuple(map(int, matches[-1]))
+        return [(i * size, j * size) for i in range(w0, w1 + 1) for j in range(h0, h1 + 1)]
+    if isinstance(pinpoints, str):
+        pinpoints = ast.literal_eval(pinpoints)
+    return [(int(w), int(h)) for w, h in pinpoints]
+
+
+def best_resolution(width: int, height: int, candidates: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The official ``select_best_resolution``: the candidate keeping the most of the image's pixels after an
+    aspect-preserving downscale, ties broken by the least padding."""
+    best, best_effective, best_wasted = None, -1, float("inf")
+    for w, h in candidates:
+        scale = min(w / width, h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = w * h - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (w, h), effective, wasted
+    return best
+
+
+def anyres_tiles(image: Tensor, grid_pinpoints, size: int = 336) -> Tensor:
+    """An image (uint8 ``[H, W, 3]``) as the official ``process_anyres_image`` prepares it: resized into the best
+    of ``grid_pinpoints`` keeping its aspect ratio, padded with black around it, cut into ``size x size`` tiles
+    (row-major), after a base view (the whole image squashed to ``size x size``, which the model skips);
+    CLIP-normalized float32 ``[1 + tiles, 3, size, size]``. Resizes are antialiased bicubic (official: PIL)."""
+    if image.dim() != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image: expected uint8 [H, W, 3]; got {tuple(image.shape)}")
+    height, width = image.shape[:2]
+    pixels = image.permute(2, 0, 1)[None].float() / 255
+    target_w, target_h = best_resolution(width, height, parse_grid_pinpoints(grid_pinpoints, size))
+    if target_w / width < target_h / height:
+        new_w, new_h = target_w, min(math.ceil(height * target_w / width), target_h)
+    else:
+        new_w, new_h = min(math.ceil(width * target_h / height), target_w), target_h
+
+    def resize(x, h, w):
+        return F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+    canvas = pixels.new_zeros(1, 3, target_h, target_w)
+    top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
+    canvas[..., top:top + new_h, left:left + new_w] = resize(pixels, new_h, new_w)
+    tiles = canvas[0].unfold(1, size, size).unfold(2, size, size)  # [3, rows, cols, size, size]
+    tiles = tiles.permute(1, 2, 0, 3, 4).reshape(-1, 3, size, size)
+    views = torch.cat([resize(pixels, size, size), tiles])
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    return (views - mean) / std
 
 
 def beacon_names(config: Qwen2Config) -> list[str]:
