@@ -256,6 +256,19 @@ def test_batch_equals_alone_and_no_leaks(model):
             alone = model.generate(prompts[b][None], images=[videos[b]], modalities=["video"], max_new_tokens=5,
                                    eos_token_id=-1, ratio=4)
             assert torch.equal(together[b], alone[0])
+        # a sample that stops early (its first token is eos) is padded while the other continues unchanged
+        stop = int(together[0, 0])
+        early = model.generate(ids, images=videos[:2], attention_mask=mask, max_new_tokens=5, eos_token_id=stop,
+                               pad_token_id=-1, ratio=4)
+        assert early[0].tolist() == [stop] + [-1] * 4
+        cut = (together[1] == stop).nonzero().flatten().tolist()
+        end = cut[0] + 1 if cut else 5
+        assert torch.equal(early[1, :end], together[1, :end])
+        # the official skip arguments, when given right, change nothing
+        where = int((prompts[0] == IMAGE_TOKEN_INDEX).nonzero())
+        skipped = model.generate(prompts[0][None], images=[videos[0]], max_new_tokens=3, eos_token_id=-1, ratio=4,
+                                 beacon_skip_first=where, beacon_skip_last=where + 30 * TOKENS)
+        assert torch.equal(skipped[0], together[0, :3])
         # a second call after a first equals a fresh model's answer
         fresh = copy.deepcopy(model)
         first = model.generate(prompts[0][None], images=[videos[0]], max_new_tokens=5, eos_token_id=-1)

@@ -338,9 +338,10 @@ class VideoXL(Qwen2ForCausalLM):
         key_order, keep_rows, pos_k, pos_q = [], [], [], []
         mem_start, cur_start, key_start, total_mem = 0, 0, 0, sum(mem_lengths)
         kept = []
+        keep_host = None if keep is None else keep.cpu()  # one device sync per step
         for m, c in zip(mem_lengths, lengths):
             key_order += [torch.arange(mem_start, mem_start + m), total_mem + torch.arange(cur_start, cur_start + c)]
-            kept_here = torch.arange(c) if keep is None else keep[cur_start:cur_start + c].cpu().nonzero().squeeze(1)
+            kept_here = torch.arange(c) if keep is None else keep_host[cur_start:cur_start + c].nonzero().squeeze(1)
             keep_rows += [torch.arange(key_start, key_start + m), key_start + m + kept_here]
             kept.append(len(kept_here))
             pos_k.append(torch.arange(m + c))
