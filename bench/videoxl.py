@@ -207,7 +207,8 @@ def kv_formula(model, frames, ratio) -> int:
     cfg = model.config
     entries = PROMPT_BEFORE + frames * model.tokens_per_frame // ratio + PROMPT_AFTER
     head_dim = model.model.layers[0].self_attn.head_dim
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * entries * model.lm_head.weight.element_size()
+    per_entry = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * model.lm_head.weight.element_size()
+    return per_entry * entries
 
 
 def main(argv=None):

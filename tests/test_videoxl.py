@@ -3,7 +3,6 @@ reference that runs the whole interleaved sequence in one pass with explicit vis
 
 import copy
 import json
-import warnings
 
 import pytest
 import torch

@@ -74,9 +74,7 @@ class BeaconSettings:
 
     window: int
     ratios: tuple[int, ...]
-    embed_init: str
     select_layer: int
-    select_feature: str
     pool_stride: int
 
     @classmethod
@@ -85,8 +83,8 @@ class BeaconSettings:
             return getattr(config, name, default)
 
         expected = {"beacon_pos": "interleave", "beacon_attn": "full-coverage", "beacon_sink_size": 0,
-                    "mm_projector_type": "mlp2x_gelu", "mm_spatial_pool_mode": "average",
-                    "mm_vision_select_feature": "patch"}
+                    "beacon_embed_init": "eos", "mm_projector_type": "mlp2x_gelu",
+                    "mm_spatial_pool_mode": "average", "mm_vision_select_feature": "patch"}
         for name, value in expected.items():
             if get(name, value) != value:
                 raise ValueError(f"config.{name}: only {value!r} is implemented; got {get(name, value)!r}")
@@ -95,13 +93,12 @@ class BeaconSettings:
             raise ValueError(f"config.beacon_stride: must equal beacon_window ({window}) as in the official "
                              f"configuration; got {get('beacon_stride', window)}")
         if sorted(get("beacon_param", BEACON_PARAMS)) != sorted(BEACON_PARAMS):
-            raise ValueError(f"config.beacon_param: only ['q', 'k', 'v'] is implemented; got {get('beacon_param', None)}")
+            raise ValueError(f"config.beacon_param: only ['q', 'k', 'v'] is implemented; "
+                             f"got {get('beacon_param', None)}")
         ratios = get("beacon_ratio", [2, 4, 8, 12, 16])
         ratios = tuple(int(r) for r in (ratios if isinstance(ratios, (list, tuple)) else [ratios]))
         check_ratios(ratios, window, "config.beacon_ratio")
-        return cls(window=window, ratios=ratios, embed_init=get("beacon_embed_init", "eos"),
-                   select_layer=int(get("mm_vision_select_layer", -2)),
-                   select_feature=get("mm_vision_select_feature", "patch"),
+        return cls(window=window, ratios=ratios, select_layer=int(get("mm_vision_select_layer", -2)),
                    pool_stride=int(get("mm_spatial_pool_stride", 2)))
 
 
