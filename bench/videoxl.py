@@ -26,7 +26,8 @@ PRESETS = {
     # 16 tokens per frame (112 px, 8x8 patches, 2x2 pool); windows of 240 tokens = 15 frames (divisible by 2..16)
     "small": dict(llm=dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, beacon_window=240, beacon_stride=240,
-                           mm_hidden_size=64, max_position_embeddings=65536, eos_token_id=3),
+                           mm_hidden_size=64, max_position_embeddings=65536, eos_token_id=3,
+                           bos_token_id=None),
                   vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               image_size=112, patch_size=14, hidden_act="quick_gelu")),
     "7b": dict(llm={}, vision=None),

@@ -468,9 +468,21 @@ def test_chat_template_and_streaming(model, folder):
     sampled = loaded.chat(video=frames, prompt="What happens ?", max_new_tokens=6, ratio=4, do_sample=True,
                           temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(0))
     assert isinstance(sampled, str)
+    class Collect:  # HF's streamer protocol
+        def __init__(self):
+            self.tokens, self.ended = [], False
+
+        def put(self, value):
+            self.tokens += value.reshape(-1).tolist()
+
+        def end(self):
+            self.ended = True
+
+    streamer = Collect()
     out = loaded.generate(ids[None], images=[frames], max_new_tokens=3, eos_token_id=-1, output_scores=True,
-                          return_dict_in_generate=True, ratio=4)
+                          return_dict_in_generate=True, ratio=4, streamer=streamer)
     assert out.sequences.shape == (1, 3) and len(out.scores) == 3 and out.scores[0].shape == (1, VOCAB)
+    assert streamer.tokens == out.sequences[0].tolist() and streamer.ended
 
 
 def test_load_video_as_clip_expects(sample_clips):
