@@ -1,0 +1,320 @@
+"""Video-XL prefill: ours (chunked vision, packed window steps on varlen_attention) against the same model without
+compression (one causal pass over every visual token) and against the official algorithm written plainly (batch 1,
+all frames through CLIP at once, a Python loop over placeholder positions, SDPA with an explicit mask per window).
+
+    python -m bench.videoxl                 # small random config on the CPU
+    python -m bench.videoxl --preset 7b     # Qwen2-7B + CLIP ViT-L/14-336 shapes (random weights) on a GPU
+
+Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the peak resident-set growth during the run. Writes bench/results/videoxl.json and bench/results/videoxl.png.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPVisionConfig
+from transformers.models.qwen2.modeling_qwen2 import rotate_half
+
+from bench.common import RESULTS_DIR, markdown_table, write_json
+from pyvidfast.models.videoxl import IMAGE_TOKEN_INDEX, Memory, VideoXL, clip_vit_l14_336_config, qwen2_7b_config
+
+PRESETS = {
+    # 16 tokens per frame (112 px, 8x8 patches, 2x2 pool); windows of 240 tokens = 15 frames (divisible by 2..16)
+    "small": dict(llm=dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, beacon_window=240, beacon_stride=240,
+                           mm_hidden_size=64, max_position_embeddings=65536, eos_token_id=3,
+                           bos_token_id=None),
+                  vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=112, patch_size=14, hidden_act="quick_gelu")),
+    "7b": dict(llm={}, vision=None),
+}
+PROMPT_BEFORE, PROMPT_AFTER = 14, 20  # ChatML system turn + user prefix; the question and assistant header
+
+
+def build(preset: str, device: str, dtype: torch.dtype) -> VideoXL:
+    spec = PRESETS[preset]
+    vision = CLIPVisionConfig(**spec["vision"]) if spec["vision"] else clip_vit_l14_336_config()
+    with torch.device(device):
+        model = VideoXL(qwen2_7b_config(**spec["llm"]), vision, vision_chunk=32)
+    return model.to(dtype).eval()
+
+
+def inputs(model: VideoXL, frames: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.randint(4, 1000, (PROMPT_BEFORE,), generator=g), torch.tensor([IMAGE_TOKEN_INDEX]),
+                     torch.randint(4, 1000, (PROMPT_AFTER,), generator=g)])
+    size = model.model.vision_tower.image_size
+    device = model.lm_head.weight.device
+    video = torch.randn(frames, 3, size, size, generator=g).to(device, model.lm_head.weight.dtype)
+    return ids.to(device), video
+
+
+# ----------------------------------------------------------------------------------------------- the methods
+
+
+def ours(model, ids, video, ratio):
+    return model.prefill([ids], [video], ratio=ratio).memory.nbytes()
+
+
+def full_attention(model, ids, video, ratio=None):
+    """The same model, no compression: one causal pass over the prompt, every visual token and the question."""
+    where = int((ids == IMAGE_TOKEN_INDEX).nonzero())
+    feats = model.encode_frames(video)
+    embeds = torch.cat([model.model.embed_tokens(ids[:where]), feats, model.model.embed_tokens(ids[where + 1:])])
+    cfg = model.config
+    memory = Memory.empty(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, model.model.layers[0].self_attn.head_dim,
+                          embeds)
+    model._step(memory, embeds, [len(embeds)], None, None, "text")
+    return memory.nbytes()
+
+
+def official_plain(model, ids, video, ratio):
+    """The official algorithm, plainly: CLIP on all frames at once, placeholders filled one position at a time,
+    per window an explicit float mask (memory visible, causal inside) through SDPA, VST keys/values kept."""
+    lm = model.model
+    tower = lm.vision_tower
+    hidden = tower(video)  # all frames at once (encode_multimodals)
+    patches = lm.mm_projector(hidden)
+    n, _, c = patches.shape
+    grid = patches.view(n, tower.grid, tower.grid, c).permute(0, 3, 1, 2)
+    image_features = F.avg_pool2d(grid, 2).permute(0, 2, 3, 1).reshape(-1, c)
+    where = int((ids == IMAGE_TOKEN_INDEX).nonzero())
+    placeholder, beacon = model.vocab_size - 1, model.vocab_size
+    expanded = torch.cat([ids[:where], ids.new_full((len(image_features),), placeholder), ids[where + 1:]])
+    skip_last = where + len(image_features)
+    layers = lm.layers
+    mem_k = [None] * len(layers)
+    mem_v = [None] * len(layers)
+    image_idx = 0
+    window = model.settings.window
+    steps = [(0, where, 0)] + [(s, min(s + window, skip_last), ratio) for s in range(where, skip_last, window)]
+    steps.append((skip_last, len(expanded), 0))
+    for start, end, r in steps:
+        raw = expanded[start:end]
+        if len(raw) == 0:
+            continue
+        if r:
+            slots = torch.arange(len(raw) + len(raw) // r)
+            step_ids = raw.new_full((len(slots),), beacon)
+            step_ids[slots % (r + 1) != r] = raw
+        else:
+            step_ids = raw
+        embeds = []
+        for token in step_ids.tolist():  # the official per-position loop with a running image_idx
+            if token == placeholder:
+                embeds.append(image_features[image_idx])
+                image_idx += 1
+            elif token == beacon:
+                embeds.append(lm.beacon_embed_tokens.weight[0])
+            else:
+                embeds.append(lm.embed_tokens.weight[token])
+        h = torch.stack(embeds)[None]
+        is_vst = step_ids == beacon
+        cur = h.shape[1]
+        past = 0 if mem_k[0] is None else mem_k[0].shape[2]
+        mask = torch.zeros(cur, past + cur, dtype=h.dtype, device=h.device)
+        mask[:, past:] = torch.full((cur, cur), float("-inf"), dtype=h.dtype, device=h.device).triu(1)
+        cos, sin = lm.rotary_emb(h, torch.arange(past + cur, device=h.device)[None])
+        for i, layer in enumerate(layers):
+            a = layer.self_attn
+            x = layer.input_layernorm(h)
+            sel = is_vst[None, :, None]
+            q = torch.where(sel, a.beacon_q_proj(x), a.q_proj(x)).view(1, cur, -1, a.head_dim).transpose(1, 2)
+            k = torch.where(sel, a.beacon_k_proj(x), a.k_proj(x)).view(1, cur, -1, a.head_dim).transpose(1, 2)
+            v = torch.where(sel, a.beacon_v_proj(x), a.v_proj(x)).view(1, cur, -1, a.head_dim).transpose(1, 2)
+            keys = k if mem_k[i] is None else torch.cat([mem_k[i], k], 2)
+            values = v if mem_v[i] is None else torch.cat([mem_v[i], v], 2)
+            qr = q * cos[:, None, past:] + rotate_half(q) * sin[:, None, past:]
+            kr = keys * cos[:, None] + rotate_half(keys) * sin[:, None]
+            out = F.scaled_dot_product_attention(qr, kr, values, attn_mask=mask, enable_gqa=True)
+            h = h + a.o_proj(out.transpose(1, 2).reshape(1, cur, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            keep = is_vst if r else torch.ones_like(is_vst)
+            keep = torch.cat([torch.ones(past, dtype=torch.bool, device=h.device), keep])
+            mem_k[i], mem_v[i] = keys[:, :, keep], values[:, :, keep]
+    return sum(k.numel() * k.element_size() * 2 for k in mem_k)
+
+
+def vision_ours(model, ids, video, ratio=None):
+    model.encode_frames(video)
+    return 0
+
+
+def vision_all_at_once(model, ids, video, ratio=None):
+    model.encode_frames(video, chunk=len(video))
+    return 0
+
+
+METHODS = {"ours": ours, "full_attention": full_attention, "official_plain": official_plain,
+           "vision_ours": vision_ours, "vision_all_at_once": vision_all_at_once}
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, quick_ms: float = 5000.0):
+    """Wall time of fn() in ms (the better of two runs when one is quicker than quick_ms) and its result."""
+    best, out = float("inf"), None
+    for attempt in range(2):
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        best = min(best, (time.perf_counter() - start) * 1e3)
+        if best > quick_ms:
+            break
+    return best, out
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def peak_memory(args, method, frames, ratio) -> int:
+    """Peak memory growth of one run: CUDA allocator stats on a GPU; on the CPU the peak resident set (VmHWM,
+    reset through /proc/self/clear_refs) above the resident set before the run. glibc returns freed large blocks
+    to the system only with a fixed mmap threshold, which main() sets by re-executing itself."""
+    model = args.model
+    ids, video = inputs(model, frames)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_bytes("VmRSS")
+    with torch.no_grad():
+        METHODS[method](model, ids, video, ratio)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return _status_bytes("VmHWM") - base
+
+
+def kv_formula(model, frames, ratio) -> int:
+    cfg = model.config
+    entries = PROMPT_BEFORE + frames * model.tokens_per_frame // ratio + PROMPT_AFTER
+    head_dim = model.model.layers[0].self_attn.head_dim
+    per_entry = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * model.lm_head.weight.element_size()
+    return per_entry * entries
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--frames", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
+    p.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8, 12, 16])
+    p.add_argument("--ratio", type=int, default=16, help="ratio of the frame sweep")
+    p.add_argument("--budget-s", type=float, default=60.0, help="skip a method at larger F once one run exceeds it")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = p.parse_args(argv)
+    if not args.device.startswith("cuda") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)  # see peak_memory
+        os.execv(sys.executable, [sys.executable, "-m", "bench.videoxl", *(sys.argv[1:] if argv is None else argv)])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    torch.manual_seed(0)
+    model = build(args.preset, args.device, dtype)
+    args.model = model
+    results = {"preset": args.preset, "device": args.device, "dtype": str(dtype),
+               "tokens_per_frame": model.tokens_per_frame, "window": model.settings.window, "frames": [],
+               "ratios": [], "batch": {}}
+    over_budget = set()
+    with torch.no_grad():
+        ids, video = inputs(model, 8)
+        ours(model, ids, video, args.ratio)  # warm-up
+        for frames in args.frames:
+            ids, video = inputs(model, frames)
+            row = {"frames": frames, "ratio": args.ratio}
+            for method in ("ours", "official_plain", "full_attention", "vision_ours", "vision_all_at_once"):
+                if method in over_budget:
+                    continue
+                ms, kv = timed(lambda: METHODS[method](model, ids, video, args.ratio), args.device)
+                row[f"{method}_ms"] = ms
+                if method in ("ours", "official_plain", "full_attention"):
+                    row[f"{method}_kv_bytes"] = kv
+                if not args.no_memory:
+                    row[f"{method}_peak_bytes"] = peak_memory(args, method, frames, args.ratio)
+                if ms > args.budget_s * 1e3:
+                    over_budget.add(method)
+            row["kv_formula_bytes"] = kv_formula(model, frames, args.ratio)
+            row["ours_ms_per_frame"] = row["ours_ms"] / frames
+            results["frames"].append(row)
+            print(json.dumps(row), flush=True)
+        frames = min(512, max(args.frames))
+        ids, video = inputs(model, frames)
+        for ratio in args.ratios:
+            ms, kv = timed(lambda: ours(model, ids, video, ratio), args.device)
+            row = {"frames": frames, "ratio": ratio, "ours_ms": ms, "ours_kv_bytes": kv,
+                   "kv_formula_bytes": kv_formula(model, frames, ratio)}
+            results["ratios"].append(row)
+            print(json.dumps(row), flush=True)
+        # a batch of 4 videos of different lengths in one call against 4 calls of batch 1
+        lengths = [frames, frames // 2, frames // 4 * 3, frames // 8 * 5]
+        batch = [inputs(model, f, seed=i) for i, f in enumerate(lengths)]
+        prompts, videos = [b[0] for b in batch], [b[1] for b in batch]
+        one_ms, _ = timed(lambda: model.prefill(prompts, videos, ratio=args.ratio), args.device)
+        single_ms, _ = timed(lambda: [model.prefill([i], [v], ratio=args.ratio) for i, v in batch], args.device)
+        results["batch"] = {"frames": lengths, "batch4_ms": one_ms, "four_batch1_ms": single_ms,
+                            "speedup": single_ms / one_ms}
+        print(json.dumps(results["batch"]), flush=True)
+    path = write_json("videoxl", results)
+    plot(results)
+    print(table(results))
+    print(f"wrote {path}")
+
+
+def table(results) -> str:
+    rows = []
+    for r in results["frames"]:
+        rows.append([r["frames"], r["ours_ms"], r.get("official_plain_ms", float("nan")),
+                     r.get("full_attention_ms", float("nan")), r["ours_ms_per_frame"], r["ours_kv_bytes"],
+                     r["kv_formula_bytes"], r.get("vision_ours_peak_bytes", "-"),
+                     r.get("vision_all_at_once_peak_bytes", "-")])
+    return markdown_table(["frames", "ours ms", "official plain ms", "full attention ms", "ours ms/frame",
+                           "KV bytes", "KV formula", "vision peak (chunked)", "vision peak (all at once)"], rows)
+
+
+def plot(results):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    frames = [r["frames"] for r in results["frames"]]
+    for method in ("ours", "official_plain", "full_attention"):
+        pts = [(r["frames"], r[f"{method}_ms"]) for r in results["frames"] if f"{method}_ms" in r]
+        ax1.plot(*zip(*pts), marker="o", label=method)
+    ax1.set_xscale("log", base=2), ax1.set_yscale("log")
+    ax1.set_xlabel("frames"), ax1.set_ylabel("prefill ms"), ax1.legend(), ax1.set_title("prefill time")
+    for method in ("vision_ours", "vision_all_at_once"):
+        pts = [(r["frames"], r[f"{method}_peak_bytes"] / 2**20) for r in results["frames"]
+               if f"{method}_peak_bytes" in r]
+        if pts:
+            ax2.plot(*zip(*pts), marker="o", label=method)
+    ax2.set_xscale("log", base=2), ax2.set_xlabel("frames"), ax2.set_ylabel("peak MiB"), ax2.legend()
+    ax2.set_title("vision peak memory")
+    fig.suptitle(f"Video-XL prefill ({results['preset']}, {results['device']}); frames {frames[0]}..{frames[-1]}")
+    fig.tight_layout()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS_DIR / "videoxl.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
