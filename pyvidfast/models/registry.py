@@ -23,6 +23,7 @@ FilterFn = Callable[[StateDict, nn.Module], StateDict]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _FILTERS: dict[str, FilterFn] = {}
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _NOT_FAMILIES = {"registry", "layers"}
 _families_imported = False
 
@@ -30,9 +31,12 @@ _families_imported = False
 _WRAPPERS = ("model", "module", "state_dict", "model_state")
 
 
-def register_model(fn: Callable[..., nn.Module] | None = None, *, checkpoint_filter_fn: FilterFn | None = None):
+def register_model(fn: Callable[..., nn.Module] | None = None, *, checkpoint_filter_fn: FilterFn | None = None,
+                   from_pretrained: Callable[..., nn.Module] | None = None):
     """Decorator registering a constructor under its function name; ``@register_model`` or
-    ``@register_model(checkpoint_filter_fn=f)`` (default: the ``checkpoint_filter_fn`` of the model's module)."""
+    ``@register_model(checkpoint_filter_fn=f)`` (default: the ``checkpoint_filter_fn`` of the model's module).
+    ``from_pretrained(path, **kwargs)``: for families whose checkpoint folder holds the model's configuration
+    (Hugging Face style), ``create_model(name, pretrained=path)`` builds from it instead of the default shape."""
 
     def register(constructor: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         name = constructor.__name__
@@ -41,6 +45,8 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, checkpoint_fil
         _MODELS[name] = constructor
         if checkpoint_filter_fn is not None:
             _FILTERS[name] = checkpoint_filter_fn
+        if from_pretrained is not None:
+            _BUILDERS[name] = from_pretrained
         return constructor
 
     return register if fn is None else register(fn)
@@ -70,6 +76,8 @@ def create_model(name: str, pretrained: str | Path | None = None, **kwargs) -> n
     _import_families()
     if name not in _MODELS:
         raise ValueError(f"name: unknown model {name!r}; available: {list_models()}")
+    if pretrained is not None and name in _BUILDERS:
+        return _BUILDERS[name](pretrained, **kwargs)
     model = _MODELS[name](**kwargs)
     if pretrained is not None:
         load_checkpoint(model, pretrained, filter_fn=_FILTERS.get(name))

@@ -709,17 +709,6 @@ class VideoXL(Qwen2ForCausalLM):
         model.tokenizer = read_folder_tokenizer(folder)
         return model
 
-    def load_checkpoint(self, folder: str | os.PathLike) -> "VideoXL":
-        """``create_model(..., pretrained=DIR)``: rebuilds this model from DIR's config, then loads DIR's weights
-        (see :meth:`from_pretrained`)."""
-        folder = Path(folder)
-        config, vision_config = read_folder_config(folder)
-        with torch.device("meta"):
-            self.__init__(config, vision_config, vision_chunk=self.vision_chunk)
-        self.load_folder_weights(folder)
-        self.tokenizer = read_folder_tokenizer(folder)
-        return self
-
     def load_folder_weights(self, folder: Path, dtype: torch.dtype | None = None,
                             device: str | torch.device = "cpu") -> "VideoXL":
         from safetensors.torch import load_file
@@ -927,7 +916,7 @@ def read_folder_config(folder: Path) -> tuple[Qwen2Config, CLIPVisionConfig]:
     return config, clip_vit_l14_336_config()
 
 
-@register_model
+@register_model(from_pretrained=VideoXL.from_pretrained)
 def videoxl_qwen2_7b(device: str | torch.device = "meta", **config_overrides) -> VideoXL:
     """Video-XL 7B (Qwen2-7B-Instruct + CLIP ViT-L/14-336). Built on the meta device by default (34 GB of
     float32 otherwise): ``create_model("videoxl_qwen2_7b", pretrained=DIR)`` rebuilds it from DIR's config and
