@@ -18,7 +18,7 @@ STAGES = ["env", "ffmpeg", "build", "tests", "parity", "sanitizer", "nvdec", "be
           "bench-group-topk", "bench-convert", "bench-model"]
 
 
-def run_check(out: Path, *args, budget=None, timeout=300):
+def run_check(out: Path, *args, budget=None, timeout=3600):
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
     if budget is not None:
         env["GPU_CHECK_BUDGET_S"] = str(budget)
