@@ -115,6 +115,14 @@ def saved_frames() -> dict:
     return torch.load(FRAMES_FILE) if FRAMES_FILE.exists() else {}
 
 
+def frames_at_hand(name: str, frames: int, size: int, start: int = 0, stride: int = 2) -> bool:
+    """Whether sample_frames can return these frames here (saved, or a built reader and the clip in the cache)."""
+    from pyvidfast.samples import cache_dir
+
+    return frames_key(name, frames, size, start, stride) in saved_frames() or (
+        reader_built() and (cache_dir() / name).exists())
+
+
 def sample_frames(name: str, frames: int, size: int, start: int = 0, stride: int = 2) -> torch.Tensor:
     """uint8 [frames, size, size, 3] of a sample clip: the frames bench/gpu_ffmpeg_bundle.sh decoded and saved
     when they are there (the GPU machine may have no FFmpeg, and the same frames make runs comparable), else

@@ -93,13 +93,17 @@ stage_ffmpeg() {
     sed -i "s#/usr#$ROOT/$BUNDLE/usr#g" "$BUNDLE"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc
     # A library this machine has itself (same soname: the same ABI, likely newer) is taken from the machine, so
     # LD_LIBRARY_PATH does not put Debian's older copy in front of what its other programs were built against.
-    local cache kept=0 dropped=0
+    local cache dropped=0 f lib=$BUNDLE/usr/lib/x86_64-linux-gnu
     cache=$( (ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null) | awk '{print $1}')
-    for f in "$BUNDLE"/usr/lib/x86_64-linux-gnu/*.so.*; do
-      case ${f##*/} in libav*|libsw*|libpkgconf*) kept=$((kept + 1)); continue ;; esac
-      if grep -qxF "${f##*/}" <<< "$cache"; then rm -f "$f"; dropped=$((dropped + 1)); else kept=$((kept + 1)); fi
+    for f in "$lib"/*.so.*; do
+      [ -e "$f" ] || continue  # the target of a soname removed before
+      case ${f##*/} in libav*|libsw*|libpkgconf*) continue ;; esac
+      if grep -qxF "${f##*/}" <<< "$cache"; then
+        [ -L "$f" ] && rm -f "$lib/$(readlink "$f")"
+        rm -f "$f"; dropped=$((dropped + 1))
+      fi
     done
-    echo "libraries: $dropped taken from this machine, $kept from the bundle"
+    echo "libraries: $dropped taken from this machine (same soname), $(ls "$lib" | grep -c '\.so\.') files from the bundle"
     touch "$BUNDLE/.unpacked"
   fi
   rm -f "$BUNDLE/.usable"
@@ -171,9 +175,12 @@ stage_build() {
 
 ensure_pytest() {
   "$PY" -c "import pytest" 2>/dev/null && return 0
-  if [ -d "$CARRY/wheels" ]; then
-    "$PY" -m pip install -q --no-index --find-links "$CARRY/wheels" --target "$PYLIB" pytest expecttest \
-      && export PYTHONPATH=$ROOT/$PYLIB${PYTHONPATH:+:$PYTHONPATH} && return 0
+  if ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
+    # Pure-Python wheels are zip files that work unpacked on sys.path: no pip, no site-packages to write.
+    mkdir -p "$PYLIB"
+    for wheel in "$CARRY"/wheels/*.whl; do "$PY" -m zipfile -e "$wheel" "$PYLIB" || exit 1; done
+    export PYTHONPATH=$ROOT/$PYLIB${PYTHONPATH:+:$PYTHONPATH}
+    "$PY" -c "import pytest; print('pytest', pytest.__version__, 'from $CARRY/wheels')" && return 0
   fi
   echo "pytest is not installed and $CARRY/wheels has no wheels for it"; exit 1
 }

@@ -14,12 +14,19 @@
 #   wheels/        pytest, expecttest and their dependencies (pure-Python wheels) for a python3 that lacks them.
 # Prints what each part weighs and the total against the 64 MiB limit.
 #
-#   bash bench/gpu_ffmpeg_bundle.sh [--no-frames]
+#   bash bench/gpu_ffmpeg_bundle.sh [--no-frames] [--rebuild-ffmpeg]
+# An existing ffmpeg.tar.xz is kept unless --rebuild-ffmpeg (compressing it takes minutes on 2 cores).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-FRAMES=1
-[ "${1:-}" = --no-frames ] && FRAMES=0
+FRAMES=1 REBUILD=0
+for arg in "$@"; do
+  case $arg in
+    --no-frames) FRAMES=0 ;;
+    --rebuild-ffmpeg) REBUILD=1 ;;
+    *) echo "gpu_ffmpeg_bundle: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 CARRY=build/gpu-carry
 WORK=build/ffmpeg-bundle-work
@@ -27,6 +34,9 @@ LIMIT=$((64 * 1024 * 1024))
 mkdir -p "$CARRY" "$WORK"
 
 # ------------------------------------------------------------------------------------------------- FFmpeg
+if [ -f "$CARRY/ffmpeg.tar.xz" ] && [ "$REBUILD" = 0 ]; then
+  echo "keeping $CARRY/ffmpeg.tar.xz (--rebuild-ffmpeg makes it anew)"
+else
 SEED=(libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavcodec-dev libavformat-dev
       libavutil-dev libswscale-dev libswresample-dev pkgconf-bin libpkgconf3)
 # Present on every glibc machine (and tied to its glibc/compiler): never carried.
@@ -65,6 +75,7 @@ ls "$root$LIBDIR"/pkgconfig/libavformat.pc >/dev/null
 echo "unpacked: $(du -sh "$root" | cut -f1)"
 tar -C "$root" -cf - usr | xz -T0 -6 > "$CARRY/ffmpeg.tar.xz.part"
 mv "$CARRY/ffmpeg.tar.xz.part" "$CARRY/ffmpeg.tar.xz"
+fi
 
 # ------------------------------------------------------------------------------------------- clips, frames
 rm -rf "$CARRY/samples" && mkdir -p "$CARRY/samples"

@@ -1,15 +1,15 @@
 """RLT tokenization on a GPU: ours (from uint8, from float, bfloat16 output) against the original algorithm in
 PyTorch ops (bench.rlt.original_rlt, the paper's steps) on the same device, and the device copy bandwidth of the
-uint8 video (the memory floor). Batch: 8 clips of 16 x 224 x 224 cut from the sample clips that travel to the GPU machine, as bench.rlt cuts them
-(every 2nd frame, starts 48 frames apart).
+uint8 video (the memory floor). Batch: 8 clips of 16 x 224 x 224 cut from the sample clips that travel to the GPU
+machine as bench.rlt cuts them (every 2nd frame, starts 48 frames apart).
 
     python -m bench.rlt_gpu [--dry-run] [--repeats 20]
 """
 
 import torch
 
-from bench.common_gpu import (CARRIED_CLIPS, copy_bandwidth, device_for, parser, sample_frames, time_device,
-                              write_result)
+from bench.common_gpu import (CARRIED_CLIPS, copy_bandwidth, device_for, frames_at_hand, parser, sample_frames,
+                              time_device, write_result)
 from bench.rlt import normalize, original_rlt
 from pyvidfast.ops import rlt_tokenize
 from pyvidfast.profiling import nvtx_range
@@ -19,6 +19,10 @@ def batch_spec(clips: int = 8):
     """(sample clip, start frame) of each clip of the batch."""
     n = len(CARRIED_CLIPS)
     return [(CARRIED_CLIPS[i % n], (i // n) * 48) for i in range(clips)]
+
+
+def batch_available(size: int = 224, frames: int = 16, clips: int = 8) -> bool:
+    return all(frames_at_hand(name, frames, size, start) for name, start in batch_spec(clips))
 
 
 def load_batch(size: int = 224, frames: int = 16, clips: int = 8) -> torch.Tensor:
