@@ -43,10 +43,18 @@ def workloads(dry_run):
 
 
 def peer_paths(q, k, v, lengths, cu, device, with_flex):
-    """name -> fn(q, k, v) returning the packed [N, H, D] output (or the padded one for "padded")."""
+    """name -> fn(q, k, v) returning the packed [N, H, D] output (or the padded one for "padded"), and the function
+    that turns a padded output back into the packed layout."""
     n, longest, b = sum(lengths), max(lengths), len(lengths)
-    cu_long = cu.long()
-    pad = lambda t: torch.nested.nested_tensor_from_jagged(t, cu_long).to_padded_tensor(0.0).transpose(1, 2)  # noqa
+    # Token i of the packed batch sits at (its sequence, its place in it) of the padded [B, longest] grid.
+    seq = torch.repeat_interleave(torch.arange(b, device=device), torch.tensor(lengths, device=device))
+    place = torch.arange(n, device=device) - cu.long()[seq]
+
+    def pad(t):  # [N, H, D] -> [B, H, longest, D], zeros past each sequence's end
+        padded = t.new_zeros(b, longest, *t.shape[1:])
+        padded[seq, place] = t
+        return padded.transpose(1, 2)
+
     mask = (torch.arange(longest, device=device)[None] < torch.tensor(lengths, device=device)[:, None]).view(b, 1, 1, -1)
     bounds = [(s, e) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()) if e > s]
     paths = {
@@ -73,7 +81,7 @@ def peer_paths(q, k, v, lengths, cu, device, with_flex):
         flex = torch.compile(flex_attention, dynamic=False)
         paths["flex"] = lambda q, k, v: flex(*(t.transpose(0, 1)[None] for t in (q, k, v)),
                                              block_mask=block_mask)[0].transpose(0, 1)
-    return paths
+    return paths, lambda padded: padded.transpose(1, 2)[seq, place]
 
 
 def main():
@@ -89,12 +97,22 @@ def main():
             cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
             q, k, v = (torch.randn(n, HEADS, HEAD_DIM, dtype=dtype, device=device) for _ in range(3))
             grad = torch.randn_like(q)
-            paths = peer_paths(q, k, v, lengths, cu, device, (name, dtype) in FLEX_CASES)
+            paths, unpad = peer_paths(q, k, v, lengths, cu, device, (name, dtype) in FLEX_CASES)
+            # Every peer must compute the same attention: its largest difference from ours goes into the JSON.
+            ours = paths["ours"](q, k, v).float()
+            differences = {}
+            for path, fn in paths.items():
+                try:
+                    out = fn(q, k, v)
+                    out = unpad(out) if path == "padded" else out
+                    differences[path] = (out.float() - ours).abs().max().item()
+                except Exception as e:  # noqa: BLE001  (timed below, where the error is recorded)
+                    differences[path] = f"{type(e).__name__}"
             flops = sum(4 * l * l * HEADS * HEAD_DIM for l in lengths)
             rate = limits[str(dtype)]["tflop_per_s"]
             for backward in (False, True):
                 entry = {"workload": name, "lengths": lengths, "dtype": str(dtype),
-                         "pass": "fwd+bwd" if backward else "fwd", "paths": {}}
+                         "pass": "fwd+bwd" if backward else "fwd", "paths": {}, "max_abs_diff_vs_ours": differences}
                 for path, fn in paths.items():
                     def call(fn=fn, path=path):
                         leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
