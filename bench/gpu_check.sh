@@ -251,7 +251,7 @@ fi
 
 # --------------------------------------------------------------------------------------------- the driver
 # A dry run checks that every stage runs, not how fast: on a shared, busy 2-core machine it gets 10x the time
-# (it needs about 40 s of CPU time in all).
+# (each stage is one small process with tiny sizes; the waiting is for CPU time).
 SCALE=$([ "$DRY" = 1 ] && echo "${GPU_CHECK_DRY_SCALE:-10}" || echo 1)
 TOTAL=${GPU_CHECK_BUDGET_S:-$((530 * SCALE))}
 LOG=$OUT/gpu_check.log
