@@ -258,6 +258,7 @@ LOG=$OUT/gpu_check.log
 RESULTS=$OUT/stages.tsv
 : > "$RESULTS"
 exec > >(tee "$LOG") 2>&1
+TEE_PID=$!
 START=$(date +%s)
 DEADLINE=$((START + TOTAL))
 echo "gpu_check $( [ "$DRY" = 1 ] && echo "(dry run) ")at $(date -u +%FT%TZ) on $(hostname), $(nproc_all) cores;" \
@@ -294,3 +295,7 @@ done
 echo
 stage_env
 "$PY" -m bench.summary_gpu "$RESULTS" --seconds $(( $(date +%s) - START )) $( [ "$DRY" = 1 ] && echo --dry-run )
+rc=$?  # 1 when a stage failed or ran over its budget
+exec 1>&- 2>&-
+wait "$TEE_PID"  # the log is complete when the script exits
+exit $rc

@@ -1,5 +1,6 @@
 """The GPU check's summary: one row per stage (status, seconds, budget, headline or why it failed/skipped) and
-$OUT/gpu_check.json with every stage's record and the JSON it wrote. Run by bench/gpu_check.sh at its end:
+$OUT/gpu_check.json with every stage's record and the JSON it wrote. Run by bench/gpu_check.sh at its end; exit
+status 1 when a stage failed or ran over its budget:
 
     python -m bench.summary_gpu $OUT/stages.tsv --seconds 412 [--dry-run]
 """
@@ -58,6 +59,7 @@ def main():
     print(table)
     print(f"gpu_check{' (dry run)' if args.dry_run else ''}: {len(stages)} stages in {args.seconds} s; "
           f"{len(bad)} failed or over budget{': ' + ', '.join(bad) if bad else ''}; wrote {path}")
+    raise SystemExit(1 if bad else 0)
 
 
 if __name__ == "__main__":
