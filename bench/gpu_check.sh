@@ -129,8 +129,16 @@ stage_build() {
       echo "dry run: a build exists (pyvidfast/_C*.so); configure only, into $BUILD_DIR"
     fi
   fi
-  local cmake ninja gen=()
-  cmake=$(command -v "$(dirname "$PY")/cmake" || command -v cmake) || { echo "cmake not found"; exit 1; }
+  local cmake="" ninja gen=()
+  # The first CMake new enough for CMakeLists.txt (3.26): next to the interpreter (a venv's), then on PATH.
+  local candidate version
+  for candidate in "$(dirname "$PY")/cmake" "$(command -v cmake)"; do
+    [ -x "$candidate" ] || continue
+    version=$("$candidate" --version | awk 'NR == 1 {print $3}')
+    if printf '3.26\n%s\n' "$version" | sort -V -C; then cmake=$candidate; break; fi
+    echo "cmake $candidate is $version, older than 3.26"
+  done
+  [ -n "$cmake" ] || { echo "no cmake >= 3.26 found (next to $PY or on PATH)"; exit 1; }
   ninja=$(command -v "$(dirname "$PY")/ninja" || command -v ninja) && gen=(-G Ninja -DCMAKE_MAKE_PROGRAM="$ninja")
   echo "cmake: $cmake ($("$cmake" --version | head -1)); generator: ${gen[1]:-default}; $(nproc_all) cores"
   local link=()
