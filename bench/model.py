@@ -120,7 +120,6 @@ def main() -> None:
     device = torch.device(args.device)
     batch = args.batch or (16 if device.type == "cuda" else 1)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
     limit = matmul_rate(1024) if device.type == "cpu" else _cuda_mm_rate(dtype)
 
     videos = {name: load_batch(name, batch, 16, args.stride, args.gap).to(device) for name in samples.CLIPS}
@@ -136,12 +135,7 @@ def main() -> None:
         else:
             cases = rlt_cases(model, videos, dtype, args.threshold)
         for clip_name, variant, total, kept, full_fn, variant_fn, checks in cases:
-            with torch.no_grad():
-                full, reduced, ratios = _interleaved(full_fn, variant_fn, args.repeats, sync)
-                with PeakMemory(device) as full_mem:
-                    full_fn()
-                with PeakMemory(device) as variant_mem:
-                    variant_fn()
+            full, reduced, ratios, full_mem, variant_mem = measure_case(full_fn, variant_fn, args.repeats, device)
             share = sum(kept) / (total * batch)
             speedup = sorted(ratios)[len(ratios) // 2]
             full_gflops = forward_flops(model, [total] * batch) / (full["median_ms"] * 1e-3) / 1e9
@@ -225,6 +219,19 @@ def compare_dense_packed(model, video: torch.Tensor, threshold: float | None = N
         "tokens_kept": kept, "tokens_per_clip": total, "share_kept": sum(kept) / (total * len(kept)),
         "speedup": dense_ms / packed_ms,
     }
+
+
+def measure_case(full_fn, variant_fn, repeats: int, device: torch.device):
+    """Interleaved timings of the all-token and the fewer-token forward (see _interleaved), then the peak memory
+    of one of each: (full, variant, per-round speed-ups, full PeakMemory, variant PeakMemory)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    with torch.no_grad():
+        full, reduced, ratios = _interleaved(full_fn, variant_fn, repeats, sync)
+        with PeakMemory(device) as full_mem:
+            full_fn()
+        with PeakMemory(device) as variant_mem:
+            variant_fn()
+    return full, reduced, ratios, full_mem, variant_mem
 
 
 def _interleaved(full_fn, variant_fn, repeats: int, sync) -> tuple[dict, dict, list[float]]:
