@@ -105,9 +105,9 @@ def _read_file(path: Path) -> StateDict:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    if path.suffix in (".pth", ".pt", ".bin"):
+    if path.suffix in (".pth", ".pt", ".bin", ".pyth"):  # .pyth: SlowFast (UniFormerV2) checkpoints
         return torch.load(path, map_location="cpu", weights_only=True)
-    raise ValueError(f"path: {path.name} is not a .pth/.pt/.bin/.safetensors file or a Hugging Face folder")
+    raise ValueError(f"path: {path.name} is not a .pth/.pt/.pyth/.bin/.safetensors file or a Hugging Face folder")
 
 
 def read_state_dict(path: str | Path | Mapping[str, Tensor]) -> StateDict:
