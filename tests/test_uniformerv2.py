@@ -478,14 +478,19 @@ def test_forward_packed_equals_each_clip_alone(config):
 @pytest.mark.parametrize("config", ["kinetics", "ssv2"])
 def test_backward_reaches_every_part(config):
     model = randomize(tiny(config, backbone_drop_path_rate=0.2, drop_path_rate=0.4)).train()
-    torch.manual_seed(0)
-    loss = F.cross_entropy(model(video(2, 8, dtype=torch.float32)), torch.tensor([1, 5]))
-    loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
-    assert not missing
-    names = {n for n, _ in model.named_parameters()}
-    assert "transformer.balance" in names and any(".dec." in n for n in names)
-    assert (config == "ssv2") == any(".lmhra1." in n for n in names)
+    x = video(4, 8, dtype=torch.float32)
+    F.cross_entropy(model(x), torch.tensor([1, 5, 0, 6])).backward()  # no in-place error with drop path on
+    params = dict(model.named_parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params.values())
+
+    def reached(part):  # some gradient arrives at the part (drop path may zero single branches)
+        grads = [p.grad.abs().sum() for n, p in params.items() if part in n]
+        return bool(grads) and sum(grads) > 0
+
+    for part in ("transformer.dec.", "transformer.dpe.", "transformer.balance", "transformer.temporal_cls_token",
+                 "transformer.resblocks.", "conv1."):
+        assert reached(part), part
+    assert reached(".lmhra1.") and reached(".lmhra2.") if config == "ssv2" else not any(".lmhra" in n for n in params)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
