@@ -2,7 +2,11 @@
 nn.MultiheadAttention), official keys and shapes, checkpoint and CLIP import, packed clips, training."""
 
 import math
+import os
+import subprocess
+import sys
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,7 +301,10 @@ def test_official_keys_and_shapes(name):
     entries, millions = COUNTS[name]
     assert len(got) == entries
     assert round(sum(p.numel() for p in ours.parameters()) / 1e6, 2) == millions
-    assert ours.data_config.num_frames == (16 if name.endswith("ssv2") else 8)
+    ssv2 = name.endswith("ssv2")
+    assert ours.data_config.num_frames == (16 if ssv2 else 8)
+    assert ours.recipe["lr"] == (4e-5 if ssv2 else 1e-5) and ours.recipe["sampling"] == "segment"
+    assert (ours.recipe["backbone_drop_path_rate"], ours.recipe["drop_path_rate"]) == ((0.2, 0.4) if ssv2 else (0, 0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,7 +362,8 @@ def openai_layout(hf_state: dict) -> dict:
            "visual.positional_embedding": s["embeddings.position_embedding.weight"],
            "visual.ln_pre.weight": s["pre_layrnorm.weight"], "visual.ln_pre.bias": s["pre_layrnorm.bias"],
            "visual.ln_post.weight": s["post_layernorm.weight"], "visual.ln_post.bias": s["post_layernorm.bias"],
-           "visual.proj": torch.randn(24, 16), "logit_scale": torch.ones(()), "token_embedding.weight": torch.randn(9, 16)}
+           "visual.proj": torch.randn(24, 16), "logit_scale": torch.ones(()),
+           "token_embedding.weight": torch.randn(9, 16)}
     for i in range(4):
         a, b = f"encoder.layers.{i}.", f"visual.transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
@@ -532,3 +540,47 @@ def test_training_step_on_real_clips_lowers_the_loss(sample_clips):
     with torch.no_grad():
         after = F.cross_entropy(model(x), labels).item()
     assert after < before
+
+
+DDP_SCRIPT = """
+import sys, torch, torch.distributed as dist, torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tests.test_uniformerv2 import ddp_case
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+for config in ("kinetics", "ssv2"):
+    model, x, labels = ddp_case(config)
+    half = slice(2 * rank, 2 * rank + 2)
+    ddp = DistributedDataParallel(model)  # kept alive: its hooks average the gradients during backward
+    F.cross_entropy(ddp(x[half]), labels[half]).backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, f"{sys.argv[1]}/{config}.pt")
+dist.destroy_process_group()
+"""
+
+
+def ddp_case(config):
+    """A deterministic training step: dropout off, BN on its running statistics (not synchronized across ranks)."""
+    n = len(CONFIGS[config]["return_list"])
+    model = randomize(tiny(config, mlp_dropout=[0.0] * n, cls_dropout=0.0)).double().train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.eval()
+    return model, video(4, 8), torch.tensor([1, 5, 0, 6])
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path)]
+    subprocess.run(cmd, check=True, env=env, cwd=root, capture_output=True, timeout=300)
+    for config in ("kinetics", "ssv2"):
+        model, x, labels = ddp_case(config)
+        F.cross_entropy(model(x), labels).backward()
+        two = torch.load(tmp_path / f"{config}.pt", weights_only=True)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(two[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)

@@ -41,15 +41,18 @@ LN_EPS = 1e-5  # every LayerNorm of the official models (PyTorch's default)
 MEAN, STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)  # SlowFast's defaults, which every UniFormerV2 config keeps
 
 # Published fine-tuning recipes (exp/*/run.sh and config.yaml of the official repository); the training task reads
-# them from ``model.recipe``. lr is the total for ``batch_size`` (the official runs do not rescale it).
+# them from ``model.recipe``. lr is the total for ``batch_size`` (the official runs do not rescale it);
+# ``zero_wd_1d``: biases, 1-D parameters and BatchNorm get no weight decay (SOLVER.ZERO_WD_1D_PARAM).
 RECIPES = {
     "kinetics": dict(lr=1e-5, batch_size=256, epochs=55, warmup_epochs=5, warmup_start_lr=1e-6, end_lr=1e-6,
-                     optimizer="adamw", weight_decay=0.05, backbone_drop_path_rate=0.0, drop_path_rate=0.0,
+                     optimizer="adamw", betas=(0.9, 0.999), weight_decay=0.05, zero_wd_1d=True,
+                     backbone_drop_path_rate=0.0, drop_path_rate=0.0,
                      sampling="segment", num_frames=8, rand_augment="rand-m7-n4-mstd0.5-inc1",
                      resized_crop_scale=(0.08, 1.0), resized_crop_ratio=(0.75, 1.3333), flip=True,
                      repeated_aug=1, test_crops=3, test_clips=4, test_softmax=True),
     "ssv2": dict(lr=4e-5, batch_size=128, epochs=22, warmup_epochs=5, warmup_start_lr=1e-6, end_lr=1e-6,
-                 optimizer="adamw", weight_decay=0.05, backbone_drop_path_rate=0.2, drop_path_rate=0.4,
+                 optimizer="adamw", betas=(0.9, 0.999), weight_decay=0.05, zero_wd_1d=True,
+                 backbone_drop_path_rate=0.2, drop_path_rate=0.4,
                  sampling="segment", num_frames=16, rand_augment="rand-m7-n4-mstd0.5-inc1",
                  resized_crop_scale=(0.08, 1.0), resized_crop_ratio=(0.75, 1.3333), flip=False,
                  repeated_aug=2, test_crops=3, test_clips=1, test_softmax=True),
@@ -244,7 +247,7 @@ class Transformer(nn.Module):
     checkpoints carry)."""
 
     def __init__(self, width: int, layers: int, heads: int, backbone_drop_path_rate: float = 0.0,
-                 use_checkpoint: bool = False, checkpoint_num: int = 0, dw_reduction: float = 1.5,
+                 use_checkpoint: bool = False, checkpoint_num=0, dw_reduction: float = 1.5,
                  no_lmhra: bool = False, double_lmhra: bool = True, return_list=(8, 9, 10, 11), n_head: int = 12,
                  mlp_factor: float = 4.0, drop_path_rate: float = 0.0, mlp_dropout=None, cls_dropout: float = 0.5,
                  num_classes: int = 400, frozen: bool = False):
@@ -256,6 +259,8 @@ class Transformer(nn.Module):
         mlp_dropout = [0.5] * n_layers if mlp_dropout is None else list(mlp_dropout)
         if len(mlp_dropout) != n_layers:
             raise ValueError(f"mlp_dropout: expected {n_layers} rates (one per global layer); got {mlp_dropout}")
+        if isinstance(checkpoint_num, (list, tuple)):  # the official configs give [n]
+            checkpoint_num = checkpoint_num[0]
         self.use_checkpoint, self.checkpoint_num = use_checkpoint, checkpoint_num
         backbone_rates = drop_path_rates(backbone_drop_path_rate, layers)
         self.resblocks = nn.ModuleList(
@@ -333,7 +338,7 @@ class UniFormerV2(nn.Module):
                  dw_reduction: float = 1.5, return_list=(8, 9, 10, 11), n_head: int | None = None,
                  mlp_factor: float = 4.0, backbone_drop_path_rate: float = 0.0, drop_path_rate: float = 0.0,
                  mlp_dropout=None, cls_dropout: float = 0.5, frozen: bool = False, use_checkpoint: bool = False,
-                 checkpoint_num: int = 0, recipe: str = "kinetics"):
+                 checkpoint_num=0, recipe: str = "kinetics"):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size: {img_size} must be a multiple of patch_size {patch_size}")
