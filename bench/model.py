@@ -135,7 +135,7 @@ def main() -> None:
             cases = flux_cases(model, name, normalize_video(video, config.mean, config.std, dtype=dtype))
         else:
             cases = rlt_cases(model, videos, dtype, args.threshold)
-        for clip_name, variant, total, kept, full_fn, variant_fn in cases:
+        for clip_name, variant, total, kept, full_fn, variant_fn, checks in cases:
             with torch.no_grad():
                 full, reduced, ratios = _interleaved(full_fn, variant_fn, args.repeats, sync)
                 with PeakMemory(device) as full_mem:
@@ -157,7 +157,7 @@ def main() -> None:
                             "speedup_per_round": ratios, "speedup": speedup, "target": 0.8 / share,
                             "meets_target": speedup >= 0.8 / share, "full_peak_bytes": full_mem.peak,
                             "variant_peak_bytes": variant_mem.peak, "full_gflop_per_s": full_gflops,
-                            "variant_gflop_per_s": variant_gflops})
+                            "variant_gflop_per_s": variant_gflops, **checks})
         del model
 
     headers = ["model", "clips", "variant", "tokens/clip", "share kept", "all-token ms", "variant ms",
@@ -177,14 +177,15 @@ def main() -> None:
 
 
 def rlt_cases(model, videos: dict[str, torch.Tensor], dtype, threshold: float):
-    """(clip, variant, all tokens per clip, kept per clip, all-token forward, variant forward): dense against
-    RLT-packed per sample clip."""
+    """(clip, variant, all tokens per clip, kept per clip, all-token forward, variant forward, checks): dense
+    against RLT-packed per sample clip; checks: how far RLT moves the logits."""
     for clip_name, video in videos.items():
         dense_input = normalize_video(video, model.data_config.mean, model.data_config.std, dtype=dtype)
-        with torch.no_grad():
-            kept = model.tokenize(video, threshold).cu_seqlens.diff().tolist()
-        yield (clip_name, "RLT packed", model.patch_embed.num_patches, kept, lambda x=dense_input: model(x),
-               lambda v=video: model(model.tokenize(v, threshold)))
+        compared = compare_dense_packed(model, video, threshold)
+        difference = (compared["dense_logits"] - compared["packed_logits"]).abs().max().item()
+        yield (clip_name, "RLT packed", model.patch_embed.num_patches, compared["tokens_kept"],
+               lambda x=dense_input: model(x), lambda v=video: model(model.tokenize(v, threshold)),
+               {"max_abs_logit_difference": difference})
 
 
 def flux_cases(model, clip_name: str, video: torch.Tensor):
@@ -192,7 +193,7 @@ def flux_cases(model, clip_name: str, video: torch.Tensor):
     total = video.shape[2] * (video.shape[3] // model.patch_size) ** 2
     for budget in HEAD_BUDGETS:
         yield (clip_name, f"budget {budget}", total, [min(budget, total)] * video.shape[0], lambda: model(video),
-               lambda budget=budget: model(video, budget=budget))
+               lambda budget=budget: model(video, budget=budget), {})
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,30 @@ requires_cuda_kernels = pytest.mark.skipif(
 def sample_clips():
     """Paths of the real sample clips (fetched once into the cache)."""
     return {name: samples.sample_path(name) for name in samples.CLIPS}
+
+
+@pytest.fixture(scope="session")
+def video_list(tmp_path_factory, sample_clips):
+    """A list file of short real clips for the training scripts: 16 frames of each sample clip at 96x72,
+    re-encoded (MPEG-4), listed twice (label = the clip's place in name order)."""
+    import av
+
+    from pyvidfast.io import decode_frames
+
+    folder = tmp_path_factory.mktemp("clips")
+    lines = []
+    for label, (name, path) in enumerate(sorted(sample_clips.items())):
+        frames = decode_frames(path, 16, start=0, stride=2, size=(72, 96)).numpy()
+        out = folder / (Path(name).stem + ".mp4")
+        with av.open(str(out), "w") as container:
+            stream = container.add_stream("mpeg4", rate=10)
+            stream.width, stream.height, stream.pix_fmt = 96, 72, "yuv420p"
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+        lines.append(f"{out.name} {label}")
+    (folder / "list.txt").write_text("\n".join(lines * 2) + "\n")
+    return folder / "list.txt"
 
 
 @pytest.fixture(autouse=True)

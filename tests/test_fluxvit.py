@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyvidfast import flux
-from pyvidfast.io import VideoReader, sampling
+from pyvidfast.io import VideoDataset, sampling
 from pyvidfast.models import create_model, load_checkpoint
 from pyvidfast.models.fluxvit import FluxViT, flux_num_groups, head_for_budget
 from pyvidfast.ops import group_budgets, group_topk
+from pyvidfast.train.tasks import fluxvit as flux
 from pyvidfast.io import decode_frames
 
 TINY = dict(embed_dim=64, depth=2, num_heads=4, attn_pool_num_heads=4, clip_embed_dim=32, img_size=56,
@@ -251,7 +251,7 @@ def test_training_step_backward():
     assert model.patch_embed.proj.weight.grad is not None and model.pos_embed.grad.abs().sum() > 0
 
 
-# --- pyvidfast.flux ---------------------------------------------------------------------------------------------
+# --- pyvidfast.train.tasks.fluxvit ------------------------------------------------------------------------------
 
 
 def test_flexi_sampling():
@@ -361,17 +361,14 @@ def test_double_mask_step_with_a_stand_in_teacher():
     assert projectors[0].weight.grad is not None and student.blocks[0].attn.qkv.weight.grad is not None
 
 
-def test_token_settings_and_sampling(sample_clips):
+def test_token_settings_and_sampling(sample_clips, tmp_path):
     assert [flux.token_setting(b).head for b in (3072, 2048, 1024, 512)] == [0, 1, 2, 2]
     for budget in (3072, 2048, 1024, 512, 1500):
         s = flux.token_setting(budget)
         assert budget < s.tokens <= 2.5 * budget
-    setting, indices = flux.sample_for_budget(250, 100)
-    assert indices == sampling.segments(250, setting.frames)
     # Token-optimized inference on a real clip: 8 frames at 70 px (200 tokens) cut to a 100-token budget.
-    with VideoReader(sample_clips["balle-jbart.mp4"]) as reader:
-        frames = reader.get_frames(sampling.segments(len(reader), 8))
-    video = flux.prepare_clip(frames, 70)
+    (tmp_path / "list.txt").write_text(f"{sample_clips['balle-jbart.mp4']} 0\n")
+    video, _ = VideoDataset(tmp_path / "list.txt", lambda r: sampling.segments(len(r), 8), size=70, crop=70)[0]
     assert video.shape == (3, 8, 70, 70) and abs(float(video.mean())) < 3
     model = randomize(FluxViT(**TINY)).eval()
     with torch.no_grad():

@@ -170,7 +170,7 @@ def test_pretrain_model_matches_reference():
                                       encoder_num_heads=3, decoder_embed_dim=32, decoder_depth=1,
                                       decoder_num_heads=2, mlp_ratio=2.0, num_frames=4)
     load_checkpoint(model, state).eval()
-    from pyvidfast.masking import dual_masks
+    from pyvidfast.train.tasks.videomae import dual_masks
 
     mask, decode_mask = dual_masks([1, 2], model.grid, 0.75, 0.5)
     video = torch.randn(2, 3, 4, 32, 32)
@@ -273,7 +273,7 @@ def test_hugging_face_pretraining_parity(tmp_path):
                                       encoder_num_heads=3, decoder_embed_dim=32, decoder_depth=1,
                                       decoder_num_heads=2, mlp_ratio=2.0, num_frames=4)
     load_checkpoint(model, tmp_path).eval()
-    from pyvidfast.masking import tube_mask
+    from pyvidfast.train.tasks.videomae import tube_mask
 
     mask = torch.stack([tube_mask(model.grid, 0.75, torch.Generator().manual_seed(s)).flatten() for s in (0, 1)])
     video = torch.randn(2, 4, 3, 32, 32)

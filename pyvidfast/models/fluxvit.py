@@ -11,8 +11,9 @@ A ViT over 14x14 patches (tubelet 1) that keeps a token budget of the clip's pat
 
 Built on :mod:`pyvidfast.models.layers`. Parameter names and shapes follow the official checkpoints
 (OpenGVLab/FluxViT ``models/fluxvit.py``), so they load with ``load_state_dict(strict=True)``
-(:func:`pyvidfast.models.load_checkpoint` applies :func:`checkpoint_filter_fn` first). The official ``DepthwiseConv3D`` has a 1x1x1 kernel; it is kept as a Conv3d
-parameter holder (for the names) and applied as the per-channel affine it is.
+(:func:`pyvidfast.models.load_checkpoint` applies :func:`checkpoint_filter_fn` first). The official
+``DepthwiseConv3D`` has a 1x1x1 kernel; it is kept as a Conv3d parameter holder (for the names) and applied as the
+per-channel affine it is.
 
 Clips of different frame counts, resolutions or budgets run packed (no padding) through
 ``pyvidfast.ops.varlen_attention`` (:meth:`FluxViT.forward_packed`); clips of one shape run batched through torch

@@ -305,8 +305,8 @@ class PatchEmbed(nn.Module):
         [dt][ph][pw][c]."""
         b, c, t, h, w = video.shape
         p, tub = self.patch_size, self.tubelet_size
-        torch._check(t % tub == 0 and h % p == 0 and w % p == 0,
-                     lambda: f"video: T must be a multiple of {tub} and H, W of {p}; got {tuple(video.shape)}")
+        if t % tub or h % p or w % p:
+            raise ValueError(f"video: T must be a multiple of {tub} and H, W of {p}; got {tuple(video.shape)}")
         grid = video.reshape(b, c, t // tub, tub, h // p, p, w // p, p)
         order = (0, 2, 4, 6, 3, 5, 7, 1) if channels_last else (0, 2, 4, 6, 1, 3, 5, 7)
         return grid.permute(order).reshape(b, (t // tub) * (h // p) * (w // p), -1)

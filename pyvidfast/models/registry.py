@@ -111,8 +111,8 @@ def _read_file(path: Path) -> StateDict:
 
 
 def read_state_dict(path: str | Path | Mapping[str, Tensor]) -> StateDict:
-    """The tensors of a checkpoint: a ``.pth``/``.pt``/``.bin`` file (``torch.load(weights_only=True)``), a
-    ``.safetensors`` file or a Hugging Face folder (``model.safetensors``, ``pytorch_model.bin`` or their sharded
+    """The tensors of a checkpoint: a ``.pth``/``.pt``/``.pyth``/``.bin`` file (``torch.load(weights_only=True)``),
+    a ``.safetensors`` file or a Hugging Face folder (``model.safetensors``, ``pytorch_model.bin`` or their sharded
     ``.index.json``), with ``model``/``module``/``state_dict``/``model_state`` nesting unwrapped. A mapping is taken
     as an already read checkpoint."""
     state = dict(path) if isinstance(path, Mapping) else _read_file(_checkpoint_file(Path(path)))

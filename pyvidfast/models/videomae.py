@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from pyvidfast.models.layers import Block, DataConfig, Packing, PatchEmbed, drop_path_rates
 from pyvidfast.models.registry import register_model
-from pyvidfast.ops.rlt import IMAGENET_MEAN, IMAGENET_STD, PackedTokens, rlt_tokenize
+from pyvidfast.ops.rlt import PackedTokens, rlt_tokenize
 
 LN_EPS = 1e-6  # every LayerNorm of the official models
 
@@ -217,7 +217,7 @@ class PretrainVisionTransformer(nn.Module):
     ``forward(video, mask, decode_mask)``: ``mask`` bool [B, N] (True = hidden from the encoder, e.g. a tube mask),
     ``decode_mask`` bool [B, N] (True = dropped by the decoder, e.g. running-cell mask; ``None`` = V1 behaviour,
     the decoder predicts exactly the encoder-masked tokens). Returns pixel predictions [B, N_dec, tubelet*p*p*3]
-    for the decoder-kept tokens in raster order (the pretraining objective turns them into the loss).
+    for the decoder-kept tokens in raster order (:mod:`pyvidfast.train.tasks.videomae` turns them into the loss).
     """
 
     def __init__(self, img_size=224, patch_size=16, encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
@@ -251,38 +251,6 @@ class PretrainVisionTransformer(nn.Module):
         pos_decoded = pos[decoded].reshape(batch, -1, dim)
         tokens = torch.cat([visible + pos_visible, self.mask_token.to(visible.dtype) + pos_decoded], dim=1)
         return self.decoder(tokens, pos_decoded.shape[1])
-
-
-def pretrain_targets(video: Tensor, tubelet: int, patch: int, normalize: bool = True, mean=IMAGENET_MEAN,
-                     std=IMAGENET_STD) -> Tensor:
-    """Pixel targets [B, N, tubelet*p*p*3] of a normalized video [B, 3, T, H, W], laid out like the official
-    ``(t p0 p1 p2) c`` rearrange. With ``normalize``, each patch and channel is standardised over its tubelet*p*p
-    pixels in [0, 1] units (unbiased std + 1e-6)."""
-    batch, _, frames, height, width = video.shape
-    mean_t = torch.tensor(mean, dtype=video.dtype, device=video.device).view(1, 3, 1, 1, 1)
-    std_t = torch.tensor(std, dtype=video.dtype, device=video.device).view(1, 3, 1, 1, 1)
-    pixels = video * std_t + mean_t
-    grid = pixels.reshape(batch, 3, frames // tubelet, tubelet, height // patch, patch, width // patch, patch)
-    patches = grid.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(batch, -1, tubelet * patch * patch, 3)
-    if normalize:
-        patches = (patches - patches.mean(dim=-2, keepdim=True)) / (patches.var(dim=-2, keepdim=True).sqrt() + 1e-6)
-    return patches.flatten(2)
-
-
-def pretrain_loss(model: nn.Module, video: Tensor, mask: Tensor, decode_mask: Tensor | None) -> Tensor:
-    """VideoMAE V2 loss: per-token MSE of the normalized pixel targets, averaged over the tokens that are hidden
-    from the encoder AND kept by the decoder (``model`` may be wrapped in DDP; its tubelet/patch are read from the
-    unwrapped module)."""
-    core = getattr(model, "module", model)
-    pred = model(video, mask, decode_mask)
-    with torch.no_grad():
-        targets = pretrain_targets(video.float(), core.tubelet_size, core.patch_size)
-    decoded = mask if decode_mask is None else ~decode_mask
-    batch = video.shape[0]
-    targets = targets[decoded].reshape(batch, -1, targets.shape[-1])
-    per_token = (pred.float() - targets).pow(2).mean(dim=-1)
-    weight = mask[decoded].reshape(batch, -1).to(per_token.dtype)
-    return (per_token * weight).sum() / weight.sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------

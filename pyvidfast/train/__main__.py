@@ -9,19 +9,20 @@
         --init runs/flux_pt/checkpoint.pth
     torchrun --nproc_per_node 8 -m pyvidfast.train finetune ...   # DDP: NCCL on GPUs, gloo on CPU
 
-The list file holds ``path label`` lines (label unused by ``pretrain``); relative paths start at its folder.
-Clip length and size come from the model (``--model-kwargs '{"num_frames": 16, "img_size": 224}'``), except for the
-Flux commands (``finetune --flux``, ``distill``), which draw them per step (flexi-sampling, see
-``pyvidfast.train.flux``).
+The list file holds ``path [label]`` lines (label unused by ``pretrain``); relative paths start at its folder.
+Clip length, size and normalization come from the model's ``data_config`` (``--model-kwargs '{"num_frames": 16,
+"img_size": 224}'``), except for the Flux commands (``finetune --flux``, ``distill``), which draw length and size
+per step (flexi-sampling, see ``pyvidfast.train.tasks.fluxvit``). Each command runs one task of
+``pyvidfast.train.tasks`` (``finetune --flux`` runs ``flux_finetune``); see docs/training.md.
 """
 
 import argparse
 
-from pyvidfast.train import loop
+from pyvidfast.train import evaluate, loop
 
 
 def _common(parser: argparse.ArgumentParser, model: str) -> None:
-    parser.add_argument("--list", required=True, help="video list file: 'path label' per line")
+    parser.add_argument("--list", required=True, help="video list file: 'path [label]' per line")
     parser.add_argument("--model", default=model, help="registered model name (pyvidfast.models.list_models())")
     parser.add_argument("--model-kwargs", default="", help="JSON of constructor overrides, e.g. '{\"depth\": 2}'")
     parser.add_argument("--stride", type=int, default=4, help="take every stride-th frame")
@@ -55,7 +56,7 @@ def _flexi(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=6144)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pyvidfast.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,24 +99,30 @@ def main(argv=None) -> None:
     distill.add_argument("--student-layers", type=int, nargs="+", default=[5, 7, 9, 11])
     distill.add_argument("--teacher-layers", type=int, nargs="+", default=[5, 7, 9, 11])
 
-    evaluate = sub.add_parser("eval", help="multi-view evaluation: top-1/top-5 of softmax averaged over views")
-    _common(evaluate, "videomae_vit_base_patch16_224")
-    evaluate.add_argument("--checkpoint", default=None, help="official, HF, or training-run checkpoint")
-    evaluate.add_argument("--num-clips", type=int, default=5, help="temporal clips per video")
-    evaluate.add_argument("--num-crops", type=int, default=3, help="spatial crops per clip")
-    evaluate.add_argument("--short-side", type=int, default=None, help="resize the short side to this (default: crop)")
-    evaluate.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")
-    evaluate.add_argument("--size", type=int, default=None, help="crop side (default: the model's image size)")
-    evaluate.add_argument("--rlt", action="store_true", help="evaluate on RLT-packed tokens (VideoMAE models)")
-    evaluate.add_argument("--budget", type=int, default=None,
-                          help="FluxViT models: tokens kept per clip, chosen by group_topk (default: all)")
-    evaluate.add_argument("--out", default="", help="folder for eval.json")
+    evaluation = sub.add_parser("eval", help="multi-view evaluation: top-1/top-5 of softmax averaged over views")
+    _common(evaluation, "videomae_vit_base_patch16_224")
+    evaluation.add_argument("--checkpoint", default=None, help="official, HF, or training-run checkpoint")
+    evaluation.add_argument("--num-clips", type=int, default=5, help="temporal clips per video")
+    evaluation.add_argument("--num-crops", type=int, default=3, help="spatial crops per clip")
+    evaluation.add_argument("--short-side", type=int, default=None,
+                            help="resize the short side to this (default: the crop side)")
+    evaluation.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")
+    evaluation.add_argument("--size", type=int, default=None, help="crop side (default: the model's image size)")
+    evaluation.add_argument("--rlt", action="store_true", help="evaluate on RLT-packed tokens (VideoMAE models)")
+    evaluation.add_argument("--budget", type=int, default=None,
+                            help="FluxViT models: tokens kept per clip, chosen by group_topk (default: all); "
+                                 "without --frames/--size, the budget's token-optimized frames and size")
+    evaluation.add_argument("--out", default="", help="folder for eval.json")
 
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.command == "eval":
-        loop.evaluate(args)
+        evaluate.evaluate(args)
     else:
-        loop.train(args, args.command)
+        loop.train(args, "flux_finetune" if getattr(args, "flux", False) else args.command)
 
 
 if __name__ == "__main__":

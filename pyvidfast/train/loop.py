@@ -1,8 +1,10 @@
-"""Training and evaluation loops shared by ``pretrain``, ``finetune`` and ``eval``.
+"""The training loop shared by every task (``pretrain``, ``finetune``, ``finetune --flux``, ``distill``).
 
-Single process or ``torchrun`` (DDP: gloo on CPU, NCCL on GPU). Checkpoints hold model, optimizer, scheduler, step
-and every rank's RNG states and are written atomically (temporary file, then rename); ``--resume`` restores them and
-the step sampler replays the same batches, so the loss sequence continues as if never interrupted.
+The loop knows nothing of any task: it builds the task by name (:mod:`pyvidfast.train.tasks`), trains
+``task.model`` on ``task(batch) -> (loss, metrics)`` and checkpoints it. Single process or ``torchrun`` (DDP: gloo
+on CPU, NCCL on GPU). Checkpoints hold model, optimizer, scheduler, step and every rank's RNG states and are written
+atomically (temporary file, then rename); ``--resume`` restores them and the step sampler replays the same batches,
+so the loss sequence continues as if never interrupted.
 """
 
 import contextlib
@@ -15,19 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pyvidfast.flux import DoubleMaskSettings, FlexiSampling
-from pyvidfast.masking import dual_masks
-from pyvidfast.models import create_model, registry
-from pyvidfast.models.fluxvit import FluxViT
-from pyvidfast.models.layers import normalize_video
-from pyvidfast.models.videomae import pretrain_loss
-from pyvidfast.train.data import SLOTS, ClipSpec, FlexiVideoList, StepSampler, VideoList, collate
-from pyvidfast.train.flux import FluxObjective, VideoMAETeacher
+from pyvidfast.train.data import Batch, StepSampler, collate
 from pyvidfast.train.optim import make_optimizer, make_scheduler
+from pyvidfast.train.tasks import get_task
 
 CHECKPOINT_NAME = "checkpoint.pth"
 
@@ -104,14 +99,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, ctx: Context, model, optimizer, scheduler, step: int, args: dict) -> None:
-    """Every rank contributes its RNG state; rank 0 writes a temporary file and renames it over ``path``."""
+    """Every rank contributes its RNG state; rank 0 writes a temporary file and renames it over ``path``.
+    ``model`` is the task's trained module (not its DDP wrapper)."""
     states = [None] * ctx.world
     if ctx.world > 1:
         dist.all_gather_object(states, rng_state())
     else:
         states = [rng_state()]
     if ctx.main:
-        payload = {"model": _core(model).state_dict(), "optimizer": optimizer.state_dict(),
+        payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "step": step, "rng": states, "args": args}
         partial = path.with_name(path.name + ".tmp")
         torch.save(payload, partial)
@@ -123,7 +119,7 @@ def save_checkpoint(path: Path, ctx: Context, model, optimizer, scheduler, step:
 def load_checkpoint(path: Path, ctx: Context, model, optimizer, scheduler) -> int:
     """Restores a training checkpoint; returns the number of steps already done."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    _core(model).load_state_dict(payload["model"])
+    model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     states = payload["rng"]
@@ -169,115 +165,67 @@ def read_metrics(out: str | Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def _core(model):
-    return getattr(model, "module", model)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
 
-def build_model(args) -> torch.nn.Module:
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    return create_model(args.model, pretrained=getattr(args, "init", None), **kwargs)
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def is_flux(args, task: str) -> bool:
-    return task == "distill" or (task == "finetune" and args.flux)
+def train_step(objective, model: torch.nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, bf16: bool = False,
+               clip_grad: float = 0.0) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """One optimizer step of ``objective`` (a task, or its DDP wrapper) on ``batch``, under bfloat16 autocast
+    with ``bf16``, the gradient norm of ``model`` clipped to ``clip_grad`` (0: not clipped). Returns the loss, the
+    task's metrics and the gradient norm before clipping."""
+    with autocast(batch.video.device, bf16):
+        loss, info = objective(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad if clip_grad > 0 else float("inf"))
+    optimizer.step()
+    return loss, info, grad_norm
 
 
-def build_flux(args, task: str) -> tuple[FluxObjective, FlexiSampling]:
-    """The Flux objective of ``finetune --flux`` or ``distill`` and its flexi-sampling ranges."""
-    flexi = FlexiSampling(tuple(args.flexi_frames), tuple(args.flexi_resolutions), args.min_tokens, args.max_tokens)
-    if task == "finetune":
-        if args.rlt:
-            raise ValueError("--rlt: Flux fine-tuning selects tokens with group_topk; RLT packing does not apply")
-        return FluxObjective(build_model(args), args.budgets, args.label_smoothing), flexi
-    teacher_kwargs = json.loads(args.teacher_kwargs) if args.teacher_kwargs else {}
-    teacher = VideoMAETeacher(create_model(args.teacher, pretrained=args.teacher_checkpoint, **teacher_kwargs))
-    settings = DoubleMaskSettings(tuple(args.teacher_resolutions), args.teacher_budget,
-                                  teacher.model.patch_size, teacher.model.tubelet_size, tuple(args.student_layers),
-                                  tuple(args.teacher_layers))
-    return FluxObjective(build_model(args), teacher=teacher, settings=settings, budget=args.budget), flexi
-
-
-def train(args, task: str) -> list[float]:
-    """Runs ``task`` ("pretrain", "finetune" or "distill") to ``args.steps`` (or ``args.stop_at``); returns this
-    run's losses. ``finetune --flux`` and ``distill`` train a :class:`FluxObjective` on flexi-sampled clips."""
+def train(args, task_name: str) -> list[float]:
+    """Runs task ``task_name`` (a key of :data:`pyvidfast.train.tasks.TASKS`) to ``args.steps`` (or
+    ``args.stop_at``); returns this run's losses."""
     ctx = Context(args.device)
     out = Path(args.out)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed + ctx.rank)
-    flux = is_flux(args, task)
-    if flux:
-        model, flexi = build_flux(args, task)
-        dataset = FlexiVideoList(args.list, args.stride, flexi)
-        if model.teacher is not None:
-            model.teacher.model.to(ctx.device)
-    else:
-        model = build_model(args)
-        dataset = VideoList(args.list, ClipSpec(model.num_frames, args.stride, model.img_size))
-    model = model.to(ctx.device)
-    core = model
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.layer_decay if task == "finetune" else 1.0,
+    task = get_task(task_name).build(args).to(ctx.device)
+    optimizer = make_optimizer(task.model, args.lr, args.weight_decay, getattr(args, "layer_decay", 1.0),
                                betas=tuple(args.betas))
     scheduler = make_scheduler(optimizer, args.warmup_steps, args.steps, args.lr, args.min_lr)
     start = 0
     resume = out / CHECKPOINT_NAME if args.resume == "auto" else (Path(args.resume) if args.resume else None)
     if resume is not None and resume.exists():
-        start = load_checkpoint(resume, ctx, model, optimizer, scheduler)
+        start = load_checkpoint(resume, ctx, task.model, optimizer, scheduler)
     elif args.resume and args.resume != "auto":
         raise FileNotFoundError(f"resume: no checkpoint at {resume}")
+    objective = task
     if ctx.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(  # distillation leaves the student's heads unused
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-            find_unused_parameters=task == "distill")
+        objective = torch.nn.parallel.DistributedDataParallel(
+            task, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=task.find_unused_parameters)
 
     stop = min(args.stop_at or args.steps, args.steps)
-    sampler = StepSampler(len(dataset), args.batch_size, ctx.rank, ctx.world, args.seed, start, stop)
+    sampler = StepSampler(len(task.dataset), args.batch_size, ctx.rank, ctx.world, args.seed, start, stop)
     # A dedicated generator: the loader must not draw from the global RNG, which the checkpoint restores.
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.workers,
+    loader = DataLoader(task.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.workers,
                         generator=torch.Generator().manual_seed(args.seed), persistent_workers=False)
     metrics = MetricsLog(out, ctx.main)
-    autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext())
     losses = []
-    model.train()
-    progress = tqdm(total=args.steps, initial=start, disable=not ctx.main or args.quiet, desc=task, unit="step")
+    objective.train()
+    progress = tqdm(total=args.steps, initial=start, disable=not ctx.main or args.quiet, desc=task_name, unit="step")
     step = start
-    for clips, labels, seeds in loader:
+    for batch in loader:
         began = time.perf_counter()
-        clips = clips.to(ctx.device, non_blocking=True)
-        info = {}
-        with autocast:
-            if task == "distill":
-                # The teacher's resolution of this step, from the step's seed (the same on every rank).
-                teacher_resolution = core.settings.draw_teacher_resolution(
-                    torch.Generator().manual_seed(seeds[0] // SLOTS))
-                loss, info = model(normalize_video(clips), teacher_resolution=teacher_resolution)
-            elif task == "pretrain":
-                mask, decode_mask = dual_masks(seeds, core.grid, args.mask_ratio, args.decoder_mask_ratio)
-                decode_mask = None if decode_mask is None else decode_mask.to(ctx.device)
-                loss = pretrain_loss(model, normalize_video(clips), mask.to(ctx.device), decode_mask)
-            else:
-                targets = F.one_hot(labels.to(ctx.device), getattr(core, "backbone", core).num_classes).float()
-                if args.mixup > 0 or args.cutmix > 0:
-                    rng = np.random.default_rng(seeds[0])  # seeded per step: reproducible on resume
-                    video, targets = mix_batch(normalize_video(clips), targets, args.mixup, args.cutmix, rng)
-                    inputs = core.tokenize(video) if args.rlt else video
-                else:
-                    inputs = core.tokenize(clips) if args.rlt else normalize_video(clips)
-                if flux:
-                    loss, info = model(inputs, targets)
-                else:
-                    logits = model(inputs)
-                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=args.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad if args.clip_grad > 0
-                                                   else float("inf"))
         lr = optimizer.param_groups[-1]["lr"]
-        optimizer.step()
+        loss, info, grad_norm = train_step(objective, task.model, batch.to(ctx.device), optimizer, args.bf16,
+                                           args.clip_grad)
         scheduler.step()
         step += 1
         value = ctx.mean(loss)
@@ -287,76 +235,8 @@ def train(args, task: str) -> list[float]:
         progress.update(1)
         progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
         if step % args.save_every == 0 or step == stop:
-            save_checkpoint(out / CHECKPOINT_NAME, ctx, model, optimizer, scheduler, step, vars(args))
+            save_checkpoint(out / CHECKPOINT_NAME, ctx, task.model, optimizer, scheduler, step, vars(args))
     progress.close()
     metrics.close()
     ctx.close()
     return losses
-
-
-def mix_batch(video: torch.Tensor, targets: torch.Tensor, mixup: float, cutmix: float,
-              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup (blend) or CutMix (paste a box, the same in every frame) of each clip with the batch's reversed
-    order; the one-hot targets mix in the same proportion. With both alphas set, each step picks one at random."""
-    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
-    alpha = cutmix if use_cutmix else mixup
-    lam = float(rng.beta(alpha, alpha))
-    other = video.flip(0)
-    if use_cutmix:
-        height, width = video.shape[-2:]
-        box_h, box_w = int(height * (1 - lam) ** 0.5), int(width * (1 - lam) ** 0.5)
-        top, left = int(rng.integers(height - box_h + 1)), int(rng.integers(width - box_w + 1))
-        video = video.clone()
-        video[..., top:top + box_h, left:left + box_w] = other[..., top:top + box_h, left:left + box_w]
-        lam = 1 - box_h * box_w / (height * width)
-    else:
-        video = lam * video + (1 - lam) * other
-    return video, lam * targets + (1 - lam) * targets.flip(0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-@torch.no_grad()
-def evaluate(args) -> dict:
-    """Multi-view testing: softmax averaged over clips x crops per video; top-1 and top-5 accuracy."""
-    ctx = Context(args.device)
-    model = build_model(args)
-    if args.checkpoint:
-        registry.load_checkpoint(model, args.checkpoint)
-    model.to(ctx.device).eval()
-    flux = isinstance(model, FluxViT)
-    if flux and args.rlt:
-        raise ValueError("--rlt: FluxViT keeps tokens with --budget (group_topk); RLT packing does not apply")
-    if not flux and args.budget is not None:
-        raise ValueError(f"--budget: only FluxViT models keep a token budget; {args.model} is not one")
-    spec = ClipSpec(args.frames or model.num_frames, args.stride, args.size or model.img_size, args.short_side)
-    dataset = VideoList(args.list, spec)
-    mine = range(ctx.rank, len(dataset), ctx.world)
-    autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext())
-    counts = torch.zeros(3, dtype=torch.float64)  # videos, top-1 hits, top-5 hits
-    predictions = []
-    for index in tqdm(mine, disable=not ctx.main or args.quiet, desc="eval", unit="video"):
-        views = dataset.views(index, args.num_clips, args.num_crops).to(ctx.device)
-        with autocast:
-            if flux:
-                logits = model(normalize_video(views), budget=args.budget)
-            else:
-                logits = model(model.tokenize(views) if args.rlt else normalize_video(views))
-        probs = logits.float().softmax(-1).mean(0)
-        label = dataset.entries[index][1]
-        top = probs.topk(min(5, probs.numel())).indices.tolist()
-        counts += torch.tensor([1.0, float(top[0] == label), float(label in top)], dtype=torch.float64)
-        predictions.append({"index": index, "label": label, "top5": top})
-    counts = ctx.sum(counts.to(torch.float64)).cpu()
-    result = {"videos": int(counts[0]), "top1": float(counts[1] / counts[0]), "top5": float(counts[2] / counts[0]),
-              "views": args.num_clips * args.num_crops, "frames": spec.frames, "size": spec.size,
-              "rlt": bool(args.rlt), "budget": args.budget}
-    if ctx.main:
-        print(json.dumps(result))
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "eval.json").write_text(json.dumps({**result, "predictions": predictions}, indent=1))
-    ctx.close()
-    return result

@@ -21,7 +21,7 @@ def layer_id(name: str, depth: int) -> int:
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
     """Groups with an ``lr_scale``: ``layer_decay ** (depth + 1 - layer_id)`` when the model has ``blocks`` and
     layer_decay < 1, else 1. Biases, 1-D parameters (norms, q/v biases) and tokens get no weight decay. A training
-    objective that wraps its model as ``backbone`` (``pyvidfast.train.flux``) is grouped by the backbone's names."""
+    objective that wraps its model as ``backbone`` (``pyvidfast.train.tasks.fluxvit``) is grouped by the backbone's names."""
     depth = len(getattr(getattr(model, "backbone", model), "blocks", []))
     use_layers = layer_decay < 1.0 and depth > 0
     groups: dict[tuple[int, bool], dict] = {}

@@ -1,15 +1,15 @@
-"""Flux training through the training scripts: ``finetune --flux`` and ``distill`` on the real sample clips."""
+"""Flux training through the training scripts: ``finetune --flux`` and ``distill`` on the real sample clips
+(``video_list``: short real clips, 4 labels), and FluxViT's evaluation at a token budget."""
 
 import json
 import math
 
 import torch
-from test_train import video_list  # noqa: F401  (the fixture: short real clips, 4 labels)
 
-from pyvidfast.flux import FlexiSampling
 from pyvidfast.models import create_model
 from pyvidfast.train.__main__ import main as train_main
 from pyvidfast.train.loop import read_metrics
+from pyvidfast.train.tasks.fluxvit import FlexiSampling, token_setting
 
 TINY_FLUX = dict(embed_dim=64, depth=2, num_heads=4, attn_pool_num_heads=4, clip_embed_dim=32, img_size=56,
                  num_frames=8, num_classes=4)
@@ -30,7 +30,7 @@ def mean(values):
     return sum(values) / len(values)
 
 
-def test_flux_finetune(video_list, tmp_path):  # noqa: F811
+def test_flux_finetune(video_list, tmp_path):
     train_main(flux_args("finetune", video_list, tmp_path, "--flux", "--steps", "24", "--lr", "3e-3",
                          "--layer-decay", "0.9", "--budgets", *map(str, BUDGETS)))
     records = read_metrics(tmp_path)
@@ -54,9 +54,16 @@ def test_flux_finetune(video_list, tmp_path):  # noqa: F811
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["videos"] == 8 and result["views"] == 2 and (result["frames"], result["size"]) == (4, 84)
     assert result["budget"] == 40 and 0 <= result["top1"] <= result["top5"] == 1.0  # 4 classes: top 5 hold the label
+    # Without --frames/--size, the budget picks the token-optimized clip shape.
+    train_main(["eval", "--list", str(video_list), "--checkpoint", str(tmp_path / "checkpoint.pth"), "--stride", "1",
+                "--num-clips", "1", "--num-crops", "1", "--budget", "100", "--quiet", "--out", str(tmp_path),
+                "--model", "fluxvit_small_patch14", "--model-kwargs", json.dumps(TINY_FLUX)])
+    result = json.loads((tmp_path / "eval.json").read_text())
+    setting = token_setting(100)
+    assert (result["frames"], result["size"]) == (setting.frames, setting.resolution) == (6, 112)
 
 
-def test_flux_distill(video_list, tmp_path):  # noqa: F811
+def test_flux_distill(video_list, tmp_path):
     train_main(flux_args("distill", video_list, tmp_path, "--steps", "10", "--lr", "3e-3", "--budget", "64",
                          "--teacher", "videomae_vit_small_patch16_224", "--teacher-kwargs", json.dumps(TINY_TEACHER),
                          "--teacher-resolutions", "32", "48", "--teacher-budget", "12", "--student-layers", "0", "1",
@@ -74,7 +81,7 @@ def test_flux_distill(video_list, tmp_path):  # noqa: F811
     assert torch.equal(student.blocks[1].mlp.fc2.weight, saved["backbone.blocks.1.mlp.fc2.weight"])
 
 
-def test_flux_finetune_resume(video_list, tmp_path):  # noqa: F811
+def test_flux_finetune_resume(video_list, tmp_path):
     """The step's flexi setting comes from its seed: a resumed run replays the uninterrupted one."""
     common = ("--flux", "--steps", "4", "--lr", "3e-3", "--budgets", *map(str, BUDGETS))
     train_main(flux_args("finetune", video_list, tmp_path / "whole", *common))

@@ -1,8 +1,10 @@
+"""VideoMAE V2 pretraining task: dual masks, pixel targets and the loss against independent references."""
+
 import pytest
 import torch
 
-from pyvidfast.masking import dual_masks, running_cell_mask, tube_mask
-from pyvidfast.models.videomae import pretrain_loss, pretrain_targets
+from pyvidfast.ops import IMAGENET_MEAN, IMAGENET_STD
+from pyvidfast.train.tasks.videomae import dual_masks, pretrain_loss, pretrain_targets, running_cell_mask, tube_mask
 
 
 @pytest.mark.parametrize("grid,ratio", [((8, 14, 14), 0.9), ((8, 16, 16), 0.9), ((3, 5, 7), 0.75), ((1, 1, 1), 0.5)])
@@ -59,19 +61,6 @@ def test_dual_masks_batch():
     assert dual_masks([0], (2, 4, 4), 0.5, 0.0)[1] is None
 
 
-class FixedPrediction(torch.nn.Module):
-    """Stands in for the pretraining model: returns given predictions, records its inputs."""
-
-    tubelet_size, patch_size = 2, 4
-
-    def __init__(self, pred):
-        super().__init__()
-        self.pred = pred
-
-    def forward(self, video, mask, decode_mask):
-        return self.pred
-
-
 def _reference_targets(video, tubelet, patch):
     """Float64 loop over patches and channels: standardise each patch's pixels in [0, 1] units."""
     mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(3, 1, 1, 1)
@@ -93,7 +82,7 @@ def _reference_targets(video, tubelet, patch):
 
 def test_pretrain_targets_against_loop():
     video = torch.randn(2, 3, 4, 8, 12)
-    got = pretrain_targets(video, 2, 4)
+    got = pretrain_targets(video, 2, 4, IMAGENET_MEAN, IMAGENET_STD)
     torch.testing.assert_close(got.double(), _reference_targets(video, 2, 4), atol=2e-5, rtol=1e-5)
 
 
@@ -104,7 +93,8 @@ def test_loss_only_on_encoder_masked_decoder_kept_tokens():
     targets = _reference_targets(video, 2, 4)
     kept = ~decode_mask
     pred = torch.randn(batch, int(kept[0].sum()), 96)
-    loss = pretrain_loss(FixedPrediction(pred), video, mask, decode_mask)
+    computed = pretrain_targets(video, 2, 4, IMAGENET_MEAN, IMAGENET_STD)
+    loss = pretrain_loss(pred, computed, mask, decode_mask)
     # Independent sum over the tokens that are hidden from the encoder and kept by the decoder.
     total, count = 0.0, 0
     for b in range(batch):
@@ -119,7 +109,19 @@ def test_loss_only_on_encoder_masked_decoder_kept_tokens():
     assert visible_slots.any()
     moved = pred.clone()
     moved[visible_slots] += 10.0
-    assert float(pretrain_loss(FixedPrediction(moved), video, mask, decode_mask)) == pytest.approx(float(loss))
+    assert float(pretrain_loss(moved, computed, mask, decode_mask)) == pytest.approx(float(loss))
     moved = pred.clone()
     moved[~visible_slots] += 10.0
-    assert float(pretrain_loss(FixedPrediction(moved), video, mask, decode_mask)) > float(loss) + 1.0
+    assert float(pretrain_loss(moved, computed, mask, decode_mask)) > float(loss) + 1.0
+
+
+def test_v1_loss_decodes_every_masked_token():
+    """decoder mask ratio 0 (VideoMAE V1): the decoder predicts exactly the encoder-masked tokens, all counted."""
+    video = torch.randn(2, 3, 4, 8, 16)
+    mask, decode_mask = dual_masks([1, 2], (2, 2, 4), mask_ratio=0.75, decoder_mask_ratio=0.0)
+    assert decode_mask is None
+    targets = _reference_targets(video, 2, 4)
+    pred = torch.randn(2, int(mask[0].sum()), 96)
+    loss = pretrain_loss(pred, pretrain_targets(video, 2, 4, IMAGENET_MEAN, IMAGENET_STD), mask, None)
+    expected = torch.stack([(pred[b].double() - targets[b][mask[b]]).pow(2).mean() for b in range(2)]).mean()
+    assert float(loss) == pytest.approx(float(expected), abs=1e-5)

@@ -1,33 +1,43 @@
-"""Flux training and token optimization for FluxViT: functions a training or evaluation script calls.
+"""FluxViT tasks: flexi fine-tuning with the multi-budget loss (``finetune --flux``), double-mask distillation
+(``distill``), and FluxViT's evaluation at a token budget.
 
-- Flexi-sampling (:class:`FlexiSampling`): per batch, a frame count and a resolution whose token count lies in a
-  range (official fine-tuning: T in 6..24 step 2, crop 112..336 step 28, 2048 <= T * (R/14)^2 <= 6144).
-- Token-budget selection (:func:`select_tokens`): ``group_topk`` on the patch embeddings, FluxViT's group rule.
+- Flexi-sampling (:class:`FlexiSampling`): per step, a frame count and a resolution whose token count lies in a
+  range (official fine-tuning: T in 6..24 step 2, crop 112..336 step 28, 2048 <= T * (R/14)^2 <= 6144), drawn
+  from the step's seed so every clip of a step, on every rank, shares it and ``--resume`` replays it.
 - The official multi-budget fine-tuning loss (:func:`multi_budget_loss`): the same clip at 3072/2048/1024 tokens
   through heads 0/1/2, cross-entropy on each plus the alignment of the low-budget pooled features with the
   3072-token one (``engines/engine_for_flexible_tuning.py``).
-- Double-mask distillation (:func:`double_mask`, :func:`double_mask_distillation_loss`): OUR READING of the paper;
-  the official pretraining code is not released. Mask 1: a frozen teacher (a VideoMAE V2 encoder of our zoo) sees
-  the clip at its own resolution, keeping a fixed number of tokens chosen by ``group_topk`` on its patch embeddings,
-  so its compute is fixed whatever the flexi setting. Mask 2: the student's ``group_topk`` selection restricted to
+- Double-mask distillation (:func:`double_mask`, :func:`double_mask_distillation_loss`, :func:`double_mask_step`):
+  OUR READING of the paper; the official pretraining code is not released. Mask 1: a frozen teacher (a VideoMAE V2
+  encoder of our zoo) sees the clip at its own resolution drawn per step, keeping a fixed number of tokens chosen
+  by ``group_topk`` on its patch embeddings, so its compute is fixed whatever the flexi setting; its position
+  table is the sinusoid table of the grid it sees. Mask 2: the student's ``group_topk`` selection restricted to
   tokens whose teacher token (the one covering the same place and time) was kept. The loss is 1 - cosine between
   the student's projected tokens and the teacher's at chosen layers, over the student tokens that have a target.
-- Token optimization at inference (:func:`token_setting`, :func:`sample_for_budget`, :func:`prepare_clip`): for a
-  budget, sample more frames or a higher resolution than the budget holds and let the selector cut to the budget,
-  with the head trained at the nearest budget.
+- Token optimization at inference (:func:`token_setting`, used by ``eval --budget``): for a budget, sample more
+  frames or a higher resolution than the budget holds and let the selector cut to the budget, with the head
+  trained at the nearest budget.
+
+The trained module (:class:`FluxStudent`) holds the FluxViT as ``backbone`` (checkpoint keys ``backbone.*``, which
+the FluxViT checkpoint filter reads back) and, for distillation, the trainable ``projectors``; the frozen teacher
+is kept out of the module tree, so it is neither checkpointed nor wrapped by DDP.
 """
 
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyvidfast.io import sampling
 from pyvidfast.models.fluxvit import HEAD_BUDGETS, FluxViT, flux_num_groups, head_for_budget
+from pyvidfast.models.videomae import sinusoid_table
 from pyvidfast.ops import group_budgets, group_topk
+from pyvidfast.train.data import Batch, TrainingClips
+from pyvidfast.train.tasks.base import Task, build_model, register_task, videos
+from pyvidfast.train.tasks.classification import mix_batch
 
 PATCH = 14
 
@@ -37,7 +47,9 @@ def token_count(frames: int, resolution: int, patch: int = PATCH, tubelet: int =
     return frames // tubelet * (resolution // patch) ** 2
 
 
-# --- flexi-sampling ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# Flexi-sampling
+
 
 @dataclass(frozen=True)
 class FlexiSampling:
@@ -64,6 +76,13 @@ class FlexiSampling:
         return choices[int(torch.randint(len(choices), (1,), generator=generator))]
 
 
+def flexi_clips(args, model: nn.Module) -> TrainingClips:
+    """The list's clips at the step's flexi setting (``--flexi-*`` ranges)."""
+    flexi = FlexiSampling(tuple(args.flexi_frames), tuple(args.flexi_resolutions), args.min_tokens, args.max_tokens,
+                          model.data_config.patch_size)
+    return TrainingClips(videos(args, model), args.stride, flexi.draw)
+
+
 def select_tokens(embeddings: Tensor, budget: int) -> Tensor | None:
     """Indices [B, K] of the tokens FluxViT keeps from patch embeddings [B, T, L, D] (None: the budget holds
     them all)."""
@@ -73,7 +92,27 @@ def select_tokens(embeddings: Tensor, budget: int) -> Tensor | None:
     return group_topk(embeddings, flux_num_groups(frames), budget)
 
 
-# --- the official multi-budget fine-tuning loss --------------------------------------------------------------------
+class FluxStudent(nn.Module):
+    """What Flux training trains and checkpoints: the FluxViT ``backbone`` and, for distillation, one projector
+    per aligned layer (student width -> teacher width)."""
+
+    def __init__(self, backbone: nn.Module, projectors: Sequence[nn.Module] = ()):
+        super().__init__()
+        if not isinstance(backbone, FluxViT):
+            raise TypeError(f"model: Flux training needs a FluxViT; got {type(backbone).__name__}")
+        self.backbone = backbone
+        if projectors:
+            self.projectors = nn.ModuleList(projectors)
+
+
+def flux_metrics(video: Tensor, patch: int) -> dict:
+    frames, resolution = video.shape[2], video.shape[3]
+    return {"frames": frames, "resolution": resolution, "tokens": token_count(frames, resolution, patch)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-budget fine-tuning (official)
+
 
 def _smooth_l1_of_normalized(src: Tensor, tgt: Tensor) -> Tensor:
     return F.smooth_l1_loss(F.normalize(src.float(), dim=-1), F.normalize(tgt.detach().float(), dim=-1))
@@ -97,7 +136,63 @@ def multi_budget_loss(model: FluxViT, video: Tensor, targets: Tensor, criterion:
     return loss, logits, kept
 
 
-# --- double-mask distillation (our reading of the paper) -----------------------------------------------------------
+@register_task
+class FluxFinetuning(Task):
+    """``finetune --flux``: the multi-budget loss at ``--budgets`` (one per head) on flexi-sampled clips, with the
+    fine-tuning task's label smoothing and mixup / CutMix. Also evaluates every FluxViT."""
+
+    name = "flux_finetune"
+
+    def __init__(self, model: FluxStudent, dataset, budgets: Sequence[int] = HEAD_BUDGETS,
+                 label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0):
+        super().__init__(model, dataset)
+        if len(budgets) != len(model.backbone.head):
+            raise ValueError(f"budgets: expected one per head ({len(model.backbone.head)}); got {list(budgets)}")
+        self.budgets, self.label_smoothing, self.mixup, self.cutmix = tuple(budgets), label_smoothing, mixup, cutmix
+
+    @classmethod
+    def build(cls, args) -> "FluxFinetuning":
+        if args.rlt:
+            raise ValueError("--rlt: Flux fine-tuning selects tokens with group_topk; RLT packing does not apply")
+        backbone = build_model(args.model, args.model_kwargs, args.init)
+        return cls(FluxStudent(backbone), flexi_clips(args, backbone), args.budgets, args.label_smoothing,
+                   args.mixup, args.cutmix)
+
+    def forward(self, batch: Batch) -> tuple[Tensor, dict]:
+        backbone = self.model.backbone
+        video, targets = batch.video, F.one_hot(batch.labels, backbone.num_classes).float()
+        if self.mixup > 0 or self.cutmix > 0:
+            rng = np.random.default_rng(batch.seeds[0])  # seeded per step: reproducible on resume
+            video, targets = mix_batch(video, targets, self.mixup, self.cutmix, rng)
+
+        def criterion(logits: Tensor, target: Tensor) -> Tensor:
+            return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+
+        loss, _, kept = multi_budget_loss(backbone, video, targets, criterion, self.budgets)
+        return loss, {**flux_metrics(video, backbone.data_config.patch_size), "kept": kept}
+
+    @classmethod
+    def evaluates(cls, model: nn.Module) -> bool:
+        return isinstance(model, FluxViT)
+
+    @classmethod
+    def eval_shape(cls, model: nn.Module, args) -> tuple[int, int]:
+        """``--budget`` without ``--frames``/``--size``: the budget's token-optimized setting."""
+        if args.rlt:
+            raise ValueError("--rlt: FluxViT keeps tokens with --budget (group_topk); RLT packing does not apply")
+        if args.budget is None:
+            return super().eval_shape(model, args)
+        setting = token_setting(args.budget)
+        return args.frames or setting.frames, args.size or setting.resolution
+
+    @classmethod
+    def predict(cls, model: nn.Module, video: Tensor, args) -> Tensor:
+        return model(video, budget=args.budget)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Double-mask distillation (our reading of the paper)
+
 
 def teacher_token_map(student_grid: Sequence[int], teacher_grid: Sequence[int], device=None) -> Tensor:
     """For each student token (t, y, x) of a [T, H, W] token grid, the flat index of the teacher token whose cell
@@ -204,7 +299,81 @@ def double_mask_step(student: FluxViT, student_video: Tensor, student_budget: in
                                          projectors)
 
 
-# --- token optimization at inference ------------------------------------------------------------------------------
+def resize_frames(video: Tensor, resolution: int) -> Tensor:
+    """[B, C, T, H, W] -> [B, C, T, R, R], bilinear with antialiasing, frame by frame."""
+    b, c, t = video.shape[:3]
+    frames = video.transpose(1, 2).flatten(0, 1)
+    frames = F.interpolate(frames, size=(resolution, resolution), mode="bilinear", align_corners=False,
+                           antialias=True)
+    return frames.view(b, t, c, resolution, resolution).transpose(1, 2)
+
+
+class VideoMAETeacher:
+    """A frozen VideoMAE V2 encoder in the two roles :func:`double_mask_step` asks of a teacher."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval().requires_grad_(False)
+
+    def embed(self, video: Tensor) -> Tensor:
+        """Patch embeddings [B, T', H'W', C] (scored by ``group_topk`` for the teacher's mask)."""
+        x = self.model.patch_embed.proj(video.to(self.model.patch_embed.proj.weight.dtype))
+        return x.flatten(3).permute(0, 2, 3, 1)
+
+    def forward(self, video: Tensor, keep: Tensor, layers: Sequence[int]) -> list[Tensor]:
+        """Outputs [B, Kt, C] of blocks ``layers`` on the kept tokens ``keep`` [B, Kt]."""
+        x = self.embed(video).flatten(1, 2)
+        x = x + sinusoid_table(x.shape[1], x.shape[2]).to(x)
+        x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        hidden = []
+        for i, block in enumerate(self.model.blocks):
+            x = block(x)
+            if i in layers:
+                hidden.append(x)
+            if len(hidden) == len(layers):
+                break  # later blocks feed no target
+        return hidden
+
+
+@register_task
+class FluxDistillation(Task):
+    """``distill``: the student sees the flexi clip and keeps ``--budget`` tokens by the double mask; the frozen
+    teacher sees the same frames at one of ``--teacher-resolutions`` drawn from the step's seed."""
+
+    name = "distill"
+    find_unused_parameters = True  # the student's pooling projectors and heads get no gradient
+
+    def __init__(self, model: FluxStudent, dataset, teacher: VideoMAETeacher, settings: DoubleMaskSettings,
+                 budget: int = 2048):
+        super().__init__(model, dataset)
+        self.teacher, self.settings, self.budget = teacher, settings, budget
+
+    @classmethod
+    def build(cls, args) -> "FluxDistillation":
+        if len(args.student_layers) != len(args.teacher_layers):
+            raise ValueError(f"layers: {args.student_layers} (student) and {args.teacher_layers} (teacher) must "
+                             "pair up")
+        backbone = build_model(args.model, args.model_kwargs, args.init)
+        teacher = VideoMAETeacher(build_model(args.teacher, args.teacher_kwargs, args.teacher_checkpoint))
+        config = teacher.model.data_config
+        settings = DoubleMaskSettings(tuple(args.teacher_resolutions), args.teacher_budget, config.patch_size,
+                                      config.tubelet_size, tuple(args.student_layers), tuple(args.teacher_layers))
+        projectors = [nn.Linear(backbone.embed_dim, teacher.model.embed_dim) for _ in settings.student_layers]
+        return cls(FluxStudent(backbone, projectors), flexi_clips(args, backbone), teacher, settings, args.budget)
+
+    def to(self, *args, **kwargs) -> "FluxDistillation":
+        self.teacher.model.to(*args, **kwargs)
+        return super().to(*args, **kwargs)
+
+    def forward(self, batch: Batch) -> tuple[Tensor, dict]:
+        resolution = self.settings.draw_teacher_resolution(torch.Generator().manual_seed(batch.step_seed))
+        loss = double_mask_step(self.model.backbone, batch.video, self.budget, resize_frames(batch.video, resolution),
+                                self.teacher.embed, self.teacher.forward, self.model.projectors, self.settings)
+        patch = self.model.backbone.data_config.patch_size
+        return loss, {**flux_metrics(batch.video, patch), "teacher_resolution": resolution}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token optimization at inference
 
 # Denser sampling than the budget holds, cut by the selector: (frames, resolution) per budget. The paper reports the
 # best setting per budget but the repository does not say which won; this grid (about 1.7-2x the budget's tokens,
@@ -239,25 +408,3 @@ def token_setting(budget: int, flexi: FlexiSampling = FlexiSampling(min_tokens=0
         frames, resolution = min(flexi.settings(), key=lambda s: (abs(math.log(token_count(*s) / (density * budget))),
                                                                   -s[0]))
     return TokenSetting(frames, resolution, budget, head_for_budget(budget))
-
-
-def sample_for_budget(num_video_frames: int, budget: int, random: bool = False,
-                      generator: torch.Generator | None = None) -> tuple[TokenSetting, list[int]]:
-    """The token setting of a budget and the frames to decode for it: one frame per equal segment of the video
-    (``pyvidfast.io.sampling.segments``, the sparse sampling FluxViT's loaders use; ``random`` for training)."""
-    setting = token_setting(budget)
-    return setting, sampling.segments(num_video_frames, setting.frames, random=random, generator=generator)
-
-
-def prepare_clip(frames: Tensor, resolution: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> Tensor:
-    """uint8 frames [T, H, W, 3] -> normalized float [3, T, R, R]: short side resized to R (bilinear), centre crop."""
-    video = frames.permute(3, 0, 1, 2).float().div(255)
-    h, w = video.shape[2:]
-    scale = resolution / min(h, w)
-    size = (max(resolution, round(h * scale)), max(resolution, round(w * scale)))
-    video = F.interpolate(video, size=size, mode="bilinear", align_corners=False, antialias=True)
-    top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    video = video[:, :, top:top + resolution, left:left + resolution]
-    m = torch.tensor(mean).view(3, 1, 1, 1)
-    s = torch.tensor(std).view(3, 1, 1, 1)
-    return (video - m) / s
