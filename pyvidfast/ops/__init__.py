@@ -2,7 +2,7 @@
 
 from pyvidfast.ops.attention import varlen_attention
 from pyvidfast.ops.rlt import IMAGENET_MEAN, IMAGENET_STD, PackedTokens, RLTTokenizer, rlt_mask, rlt_tokenize
-from pyvidfast.ops.select import group_budgets, group_topk
+from pyvidfast.ops.group_topk import group_budgets, group_topk
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "PackedTokens", "RLTTokenizer", "group_budgets", "group_topk", "rlt_mask",
