@@ -188,8 +188,8 @@ def main():
           f"torch threads {torch.get_num_threads()}; median ratio to the fastest peer {statistics.median(ratios):.2f}x,"
           f" worst {min(ratios):.2f}x")
     path = write_json("video_reader", {"size": SIZE, "repeats": repeats, "results": results, "table": table,
-                                 "median_ratio_vs_fastest_peer": statistics.median(ratios),
-                                 "worst_ratio_vs_fastest_peer": min(ratios)})
+                                       "median_ratio_vs_fastest_peer": statistics.median(ratios),
+                                       "worst_ratio_vs_fastest_peer": min(ratios)})
     print(f"wrote {path}")
     print(f"wrote {plot(results, path.with_suffix('.png'))}")
 
