@@ -30,11 +30,7 @@ int64_t kept_in_row(const bool* keep, int64_t r, int64_t wp) {
   return std::count(keep + r * wp, keep + (r + 1) * wp, true);
 }
 
-// rlt_tokenize's two schedules of mask and gather; both fill row_start (rows + 1 entries: the output slot of each
-// row's first kept token, a scan in raster order) and gather every kept token.
-//
-// Mask first: all threads mask, then all gather, each a contiguous share of the tokens (not of the rows: clips
-// keep very different shares).
+// Schedule::kMaskFirst (rlt_cpu.h says what each schedule does).
 void mask_then_gather(int64_t rows, int64_t wp, const bool* keep, const MaskRows& mask_rows,
                       std::vector<int64_t>& row_start, const GatherTokens& gather) {
   {
@@ -55,8 +51,7 @@ void mask_then_gather(int64_t rows, int64_t wp, const bool* keep, const MaskRows
   });
 }
 
-// Mask beside gather: one thread masks blocks of rows in raster order and publishes their slots while the others
-// gather the published rows, a block at a time; the masker gathers too once the mask is done.
+// Schedule::kMaskBeside.
 void mask_beside_gather(int64_t rows, int64_t wp, const bool* keep, const MaskRows& mask_rows,
                         std::vector<int64_t>& row_start, const GatherTokens& gather) {
   constexpr int64_t kRowsPerBlock = 8;  // blocks keep the threads off each other's cache lines
