@@ -12,7 +12,7 @@ if(NOT VIDFAST_FFMPEG STREQUAL "OFF")
   else()
     set(_why "FFmpeg's development files (libavformat, libavcodec, libavutil, libswscale) were not found by "
              "pkg-config (Debian: apt-get install libavformat-dev libavcodec-dev libavutil-dev libswscale-dev "
-             "pkg-config; or point PKG_CONFIG_PATH at FFmpeg's lib/pkgconfig)")
+             "pkg-config, or point PKG_CONFIG_PATH at FFmpeg's lib/pkgconfig)")
     string(CONCAT _why ${_why})
     if(VIDFAST_FFMPEG STREQUAL "ON")
       message(FATAL_ERROR "pyvidfast: VIDFAST_FFMPEG=ON but ${_why}.")
