@@ -16,6 +16,7 @@ def _info(args) -> None:
     print(f"CUDA kernels built: {'yes' if info['cuda_kernels'] else 'no'}"
           + (f", architectures {', '.join(info['cuda_archs'])}" if info["cuda_kernels"] else ""))
     print(f"NVTX ranges compiled in: {'yes' if info['nvtx'] else 'no'}")
+    print(f"Frame reader (FFmpeg) built: {'yes' if info['video_reader'] else 'no'}")
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         print(f"GPU present: yes ({', '.join(names)})")
@@ -40,7 +41,7 @@ def _demo(args) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="pyvidfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, CUDA kernels built and architectures, GPU presence").set_defaults(func=_info)
+    sub.add_parser("info", help="versions, CUDA kernels built and architectures, frame reader built, GPU presence").set_defaults(func=_info)
     sub.add_parser("samples", help="fetch and check the real sample clips").set_defaults(func=_samples)
     demo = sub.add_parser("demo", help="RLT on a real clip, VideoMAE V2 dense vs packed, PNG of kept patches")
     demo.add_argument("--clip", default="balle-jbart.mp4", help="sample clip name or a video path")

@@ -14,6 +14,8 @@ requires_cuda_kernels = pytest.mark.skipif(
     not (torch.cuda.is_available() and pyvidfast.build_info()["cuda_kernels"]),
     reason="needs a CUDA device and a build with CUDA kernels",
 )
+# One test body for every device: @pytest.mark.parametrize("device", DEVICES) (cuda skipped without a GPU).
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda_kernels)]
 
 
 @pytest.fixture(scope="session")

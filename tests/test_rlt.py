@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyvidfast.ops import IMAGENET_MEAN, IMAGENET_STD, RLTTokenizer, rlt_mask, rlt_tokenize
+from pyvidfast.ops import IMAGENET_MEAN, IMAGENET_STD, PackedTokens, RLTTokenizer, rlt_mask, rlt_tokenize
 from pyvidfast.io import decode_frames
 
-from conftest import requires_cuda_kernels, requires_vector_kernels, run_portable
+from conftest import DEVICES, requires_vector_kernels, run_portable
 
 NEAR = 1e-6  # masks may differ only where |distance - threshold| < NEAR (float rounding at the boundary)
 
@@ -62,16 +62,22 @@ def planted_video(b, t, h, w, patch=16, static_share=0.5):
     return video
 
 
-def assert_matches_reference(video, tubelet=2, patch=16, threshold=0.1, out_dtype=torch.float32, **kw):
+def assert_matches_reference(video, tubelet=2, patch=16, threshold=0.1, out_dtype=torch.float32, device="cpu",
+                             **kw):
+    """Runs both ops on `device` and compares with the float64 reference computed on the CPU."""
     distance, keep_ref, lengths_ref, tokens_ref = reference(video, tubelet, patch, threshold, **kw)
-    keep, lengths = rlt_mask(video, tubelet, patch, threshold, **kw)
+    keep, lengths = rlt_mask(video.to(device), tubelet, patch, threshold, **kw)
+    assert keep.device.type == lengths.device.type == torch.device(device).type
+    keep, lengths = keep.cpu(), lengths.cpu()
     near = (distance - threshold).abs() < NEAR
     assert keep.shape == keep_ref.shape and keep.dtype == torch.bool and lengths.dtype == torch.int32
     assert torch.all((keep == keep_ref) | near), "mask differs away from the threshold"
     if not near.any():
         assert torch.equal(keep, keep_ref)
         assert torch.equal(lengths, lengths_ref)
-    packed = rlt_tokenize(video, tubelet, patch, threshold, out_dtype=out_dtype, **kw)
+    packed = rlt_tokenize(video.to(device), tubelet, patch, threshold, out_dtype=out_dtype, **kw)
+    assert all(t.device.type == torch.device(device).type for t in packed)
+    packed = PackedTokens(*(t.cpu() for t in packed))
     n = int(keep.sum())
     assert packed.patches.shape == (n, 3 * tubelet * patch * patch) and packed.patches.dtype == out_dtype
     # Tokens of a clip in (t', h', w') raster order, clips in batch order: exactly the order of nonzero(keep).
@@ -97,33 +103,39 @@ def assert_matches_reference(video, tubelet=2, patch=16, threshold=0.1, out_dtyp
         ((2, 16, 64, 32), 2, 16),
     ],
 )
-def test_random_video_matches_reference(shape, tubelet, patch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_video_matches_reference(shape, tubelet, patch, device):
     video = planted_video(*shape, patch=patch)
-    keep, _ = assert_matches_reference(video, tubelet, patch)
+    keep, _ = assert_matches_reference(video, tubelet, patch, device=device)
     if shape[1] // tubelet > 1:
         assert 0 < keep[:, 1:].float().mean() < 1, "planted regions should give both kept and dropped tokens"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_float_input_matches_reference(dtype):
+def test_float_input_matches_reference(dtype, device):
     video = normalized_float64(planted_video(2, 6, 24, 40, patch=8)).to(dtype)
-    assert_matches_reference(video, 2, 8, 0.3, out_dtype=torch.float32 if dtype != torch.float64 else torch.float64)
+    out_dtype = torch.float32 if dtype != torch.float64 else torch.float64
+    assert_matches_reference(video, 2, 8, 0.3, out_dtype=out_dtype, device=device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("out_dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_out_dtypes(out_dtype):
-    assert_matches_reference(planted_video(2, 4, 32, 32), out_dtype=out_dtype)
+def test_out_dtypes(out_dtype, device):
+    assert_matches_reference(planted_video(2, 4, 32, 32), out_dtype=out_dtype, device=device)
 
 
-def test_custom_mean_std_and_threshold():
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_mean_std_and_threshold(device):
     video = planted_video(2, 6, 16, 32, patch=8)
-    assert_matches_reference(video, 2, 8, 0.5, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
+    assert_matches_reference(video, 2, 8, 0.5, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4), device=device)
 
 
-def test_real_clips_match_reference(sample_clips):
+@pytest.mark.parametrize("device", DEVICES)
+def test_real_clips_match_reference(sample_clips, device):
     for name, path in sample_clips.items():
         frames = decode_frames(path, 16, start=0, stride=2, size=(112, 112))
-        keep, _ = assert_matches_reference(frames[None], 2, 16)
+        keep, _ = assert_matches_reference(frames[None], 2, 16, device=device)
         share = keep.float().mean().item()
         assert 1 / 8 <= share <= 1.0, name
 
@@ -181,6 +193,17 @@ def test_lengths_are_in_token_order_unlike_the_original_code():
     assert original.tolist() == [1, 3, 4, 4, 3, 1]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16])
+def test_224_clips_match_reference(dtype, device, sample_clips):
+    # A real clip and a planted one at the size models take.
+    video = decode_frames(sample_clips["bikes.mp4"], 16, size=(224, 224))[None].repeat(2, 1, 1, 1, 1)
+    video[1] = planted_video(1, 16, 224, 224)[0]
+    if dtype != torch.uint8:
+        video = normalized_float64(video).to(dtype)
+    assert_matches_reference(video, device=device)
+
+
 def test_negative_threshold_keeps_everything_and_matches_conv3d():
     video = planted_video(2, 4, 32, 48)
     packed = rlt_tokenize(video, threshold=-1.0)
@@ -197,16 +220,17 @@ def test_negative_threshold_keeps_everything_and_matches_conv3d():
 def test_every_schedule_and_thread_count_gives_the_reference(threads):
     # The CPU kernel masks and gathers either one after the other on all threads or side by side, and picks by
     # timing itself (alternating over its first calls, then trying the other schedule every 8th call): 20
-    # calls run both. More threads than cores must not stall the gatherers that wait for published rows.
+    # calls run both, which torch.ops.vidfast._rlt_last_schedule() reports. More threads than cores must not
+    # stall the gatherers that wait for published rows.
     video = planted_video(3, 16, 64, 80)  # 96 token rows: several mask chunks and gather claims
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        keep, first = assert_matches_reference(video)
+        ran = []
         for _ in range(20):
-            again = rlt_tokenize(video)
-            assert torch.equal(again.patches, first.patches) and torch.equal(again.positions, first.positions)
-            assert torch.equal(again.lengths, first.lengths) and torch.equal(again.cu_seqlens, first.cu_seqlens)
+            assert_matches_reference(video)
+            ran.append(torch.ops.vidfast._rlt_last_schedule())
+        assert set(ran) == {"mask_first", "mask_beside"}, ran
     finally:
         torch.set_num_threads(before)
 
@@ -226,10 +250,11 @@ def test_patches_own_exactly_their_bytes(shape):
     assert torch.equal(packed.patches, saved)
 
 
-def test_empty_batch_and_noncontiguous_input():
-    out = rlt_tokenize(torch.zeros((0, 4, 32, 32, 3), dtype=torch.uint8))
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_and_noncontiguous_input(device):
+    out = rlt_tokenize(torch.zeros((0, 4, 32, 32, 3), dtype=torch.uint8, device=device))
     assert out.patches.shape == (0, 1536) and out.cu_seqlens.tolist() == [0]
-    video = planted_video(2, 4, 32, 32)
+    video = planted_video(2, 4, 32, 32).to(device)
     strided = video.transpose(2, 3).contiguous().transpose(2, 3)
     assert not strided.is_contiguous()
     a, b = rlt_tokenize(video), rlt_tokenize(strided)
@@ -271,9 +296,10 @@ def test_gradient_flows_to_float_video():
     assert torch.equal(video.grad[:, 0], expected.double())
 
 
-def test_opcheck():
-    video_u8 = planted_video(2, 4, 32, 32)
-    video_f = normalized_float64(planted_video(1, 4, 16, 16)).float().requires_grad_(True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    video_u8 = planted_video(2, 4, 32, 32).to(device)
+    video_f = normalized_float64(planted_video(1, 4, 16, 16)).float().to(device).requires_grad_(True)
     for args in [(video_u8, 2, 16, 0.1, list(IMAGENET_MEAN), list(IMAGENET_STD)),
                  (video_f.detach(), 2, 8, 0.2, [0.0] * 3, [1.0] * 3)]:
         torch.library.opcheck(torch.ops.vidfast.rlt_mask.default, args)
@@ -305,20 +331,3 @@ def test_tokenizer_module():
     assert torch.equal(packed.patches, ref.patches)
     assert packed.max_seqlen() == int((ref.cu_seqlens[1:] - ref.cu_seqlens[:-1]).max())
     assert "threshold=0.2" in repr(tok)
-
-
-@requires_cuda_kernels
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16])
-def test_cuda_matches_cpu(dtype, sample_clips):
-    video = decode_frames(sample_clips["bikes.mp4"], 16, size=(224, 224))[None].repeat(2, 1, 1, 1, 1)
-    video[1] = planted_video(1, 16, 224, 224)[0]
-    if dtype != torch.uint8:
-        video = normalized_float64(video).to(dtype)
-    cpu = rlt_tokenize(video)
-    gpu = rlt_tokenize(video.cuda())
-    keep_cpu, len_cpu = rlt_mask(video)
-    keep_gpu, len_gpu = rlt_mask(video.cuda())
-    assert torch.equal(keep_cpu, keep_gpu.cpu()) and torch.equal(len_cpu, len_gpu.cpu())
-    for a, b in zip(cpu, gpu):
-        assert b.is_cuda
-        torch.testing.assert_close(a, b.cpu(), rtol=1e-6, atol=1e-6)

@@ -19,6 +19,12 @@ std::string build_info() {
 #else
   json += "false";
 #endif
+  json += ", \"video_reader\": ";
+#if defined(VIDFAST_WITH_FFMPEG)
+  json += "true";
+#else
+  json += "false";
+#endif
   json += "}";
   return json;
 }

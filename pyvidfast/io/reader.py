@@ -30,14 +30,15 @@ class VideoMetadata:
 
 
 def _reader_class():
-    try:
-        return torch.classes.vidfast.VideoReader
-    except RuntimeError as e:  # the library was built without FFmpeg's development files
+    import pyvidfast
+
+    if not pyvidfast.build_info()["video_reader"]:
         raise RuntimeError(
-            "pyvidfast was built without the frame reader: FFmpeg's development files were missing at build time "
-            "(Debian: apt-get install libavformat-dev libavcodec-dev libavutil-dev libswscale-dev pkg-config), "
-            "then rebuild with `make build`."
-        ) from e
+            "VideoReader: this build of pyvidfast has no frame reader: FFmpeg's development files were missing at "
+            "build time, or it was built with VIDFAST_FFMPEG=OFF (Debian: apt-get install libavformat-dev "
+            "libavcodec-dev libavutil-dev libswscale-dev pkg-config), then rebuild with `make build`."
+        )
+    return torch.classes.vidfast.VideoReader
 
 
 def _cuda_index(device: torch.device) -> int:
@@ -79,7 +80,9 @@ class VideoReader:
             raise ValueError(f"threads: expected 0 (automatic) or a positive int; got {threads!r}")
         self.path = path
         self.device = torch.device(device)
-        # _read_all_packets (tests): list packets by reading them even where the MP4/MOV sample index would do.
+        # Private (tests): _read_all_packets lists packets by reading them even where the MP4/MOV sample index
+        # would do; the C++ object's underscored methods (_index_used, _decoders_used, _seek_frames) say how the
+        # reader worked.
         self._reader = _reader_class()(path, _cuda_index(self.device), threads, bool(_read_all_packets))
         r = self._reader
         self.metadata = VideoMetadata(

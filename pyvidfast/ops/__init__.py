@@ -5,7 +5,7 @@ load_library()  # before the wrappers register fakes: without a build, a clear I
 
 from pyvidfast.ops.attention import varlen_attention
 from pyvidfast.ops.rlt import IMAGENET_MEAN, IMAGENET_STD, PackedTokens, RLTTokenizer, rlt_mask, rlt_tokenize
-from pyvidfast.ops.select import group_budgets, group_topk
+from pyvidfast.ops.group_topk import group_budgets, group_topk
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "PackedTokens", "RLTTokenizer", "group_budgets", "group_topk", "rlt_mask",

@@ -3,6 +3,9 @@
 ``rlt_mask`` returns which tokens are kept and how many tubelets each kept token stands for; ``rlt_tokenize``
 also gathers the kept patches, normalized and flattened like a Conv3d patch-embedding weight, packed across the
 batch with ``cu_seqlens`` bounds (no padding).
+
+Private (tests, benchmarks): ``torch.ops.vidfast._rlt_last_schedule()`` names the schedule the calling thread's
+last CPU ``rlt_tokenize`` ran, ``"mask_first"`` or ``"mask_beside"`` (``"none"`` before any); see docs/rlt.md.
 """
 
 from typing import NamedTuple, Sequence
@@ -135,6 +138,9 @@ def _rlt_tokenize_fake(video, tubelet=2, patch=16, threshold=0.1, mean=IMAGENET_
 
 
 def _rlt_tokenize_setup_context(ctx, inputs, output):
+    # Only `video` has a gradient, and the backward needs only where each token came from (not the video).
+    if not ctx.needs_input_grad[0]:
+        return
     video, tubelet, patch = inputs[0], inputs[1], inputs[2]
     _, positions, _, cu_seqlens = output
     ctx.video_shape, ctx.video_dtype = video.shape, video.dtype

@@ -10,7 +10,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "common/cpu_dispatch.h"
+#include "common/cpu_isa.h"
 #include "common/nvtx.h"
 #include "group_topk/group_topk.h"
 

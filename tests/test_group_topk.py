@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from pyvidfast.ops import group_budgets, group_topk
 from pyvidfast.io import decode_frames
 
-from conftest import requires_cuda_kernels
+from conftest import DEVICES
 
 
 def reference_scores(x: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -37,8 +37,11 @@ def reference_select(scores: torch.Tensor, num_groups: int, budget: int) -> torc
     return torch.tensor(rows, dtype=torch.int64).reshape(batch, budget)
 
 
-def check_against_reference(x, num_groups, budget):
-    indices, scores = group_topk(x, num_groups, budget, return_scores=True)
+def check_against_reference(x, num_groups, budget, device="cpu"):
+    """Runs the op on `device` and compares with the float64 reference computed on the CPU."""
+    indices, scores = group_topk(x.to(device), num_groups, budget, return_scores=True)
+    assert indices.device.type == scores.device.type == torch.device(device).type
+    indices, scores = indices.cpu(), scores.cpu()
     assert indices.dtype == torch.int64 and scores.dtype == torch.float32
     assert indices.shape == scores.shape == (x.shape[0], budget)
     expected_scores = reference_scores(x, num_groups)
@@ -60,12 +63,25 @@ SHAPES = [  # B, T, L, D, G, K
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_random_matches_reference(shape, dtype):
+def test_random_matches_reference(shape, dtype, device):
     batch, frames, tokens, dim, groups, budget = shape
     x = torch.randn(batch, frames, tokens, dim).to(dtype)
-    check_against_reference(x, groups, budget)
+    check_against_reference(x, groups, budget, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_large_groups_and_ties_match_reference(dtype, device):
+    # On CUDA, groups of 11776 tokens fill the shared-memory score buffer; 16000 tokens take the global scratch
+    # path. A repeated frame gives exact zero scores, so the tie rule is exercised.
+    for shape, groups, budget in [((8, 16, 256, 384), 4, 2048), ((3, 6, 49, 65), 2, 77), ((2, 4, 3, 8), 4, 5),
+                                  ((1, 2, 5888, 4), 1, 7000), ((2, 8, 2000, 8), 1, 9001)]:
+        x = torch.randn(shape).to(dtype)
+        x[:, 1] = x[:, 0]
+        check_against_reference(x, groups, budget, device)
 
 
 def test_counts_order_and_first_frame_rule():
@@ -98,13 +114,14 @@ def test_ties_go_to_lower_index():
     assert scores.tolist() == [[1.0] * 7]
 
 
-def test_nan_ranks_first_and_noncontiguous_input():
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_ranks_first_and_noncontiguous_input(device):
     x = torch.randn(1, 4, 6, 5)
     x[0, 2, 4, 1] = float("nan")
-    indices, scores = group_topk(x, 1, 2, return_scores=True)
+    indices, scores = group_topk(x.to(device), 1, 2, return_scores=True)
     assert 2 * 6 + 4 in indices.tolist()[0] and torch.isnan(scores).any()
     y = torch.randn(2, 6, 8, 10).transpose(1, 2)  # [B, L=8, T=6, D] viewed as [B, T', L', D] non-contiguously
-    check_against_reference(y, 2, 17)
+    check_against_reference(y, 2, 17, device)
 
 
 @pytest.mark.parametrize("name", ["vtest.avi", "bikes.mp4"])
@@ -123,8 +140,9 @@ def test_real_clip_embeddings(sample_clips, name):
     assert not bool(((indices >= 4 * 64) & (indices < 5 * 64)).any())
 
 
-def test_bad_arguments():
-    x = torch.randn(2, 8, 4, 3)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_arguments(device):
+    x = torch.randn(2, 8, 4, 3, device=device)
     with pytest.raises(ValueError, match="x: expected a 4-D"):
         group_topk(x[0], 2, 4)
     with pytest.raises(TypeError, match="x: expected dtype"):
@@ -139,8 +157,10 @@ def test_bad_arguments():
         group_topk(x, 2, -1)
 
 
-def test_opcheck():
-    for args in [(torch.randn(2, 8, 7, 33), 4, 13), (torch.randn(1, 6, 5, 3, dtype=torch.float64), 2, 0)]:
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in [(torch.randn(2, 8, 7, 33, device=device), 4, 13),
+                 (torch.randn(1, 6, 5, 3, dtype=torch.float64, device=device), 2, 0)]:
         torch.library.opcheck(torch.ops.vidfast.group_topk.default, args)
 
 
@@ -153,18 +173,3 @@ def test_torch_compile_fullgraph():
     tokens = torch.randn(2, 48, 5)
     compiled = torch.compile(select_and_gather, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, tokens), select_and_gather(x, tokens))
-
-
-@requires_cuda_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_cuda_equals_cpu(dtype):
-    # Groups of 11776 tokens fill the shared-memory score buffer; 16000 tokens take the global scratch path.
-    for shape, groups, budget in [((8, 16, 256, 384), 4, 2048), ((3, 6, 49, 65), 2, 77), ((2, 4, 3, 8), 4, 5),
-                                  ((1, 2, 5888, 4), 1, 7000), ((2, 8, 2000, 8), 1, 9001)]:
-        x = torch.randn(shape).to(dtype)
-        x[:, 1] = x[:, 0]  # exact zero scores, so the tie rule is exercised
-        cpu = group_topk(x, groups, budget, return_scores=True)
-        cuda = group_topk(x.cuda(), groups, budget, return_scores=True)
-        torch.testing.assert_close(cuda[0].cpu(), cpu[0], rtol=0, atol=0)
-        torch.testing.assert_close(cuda[1].cpu(), cpu[1], rtol=0, atol=0, equal_nan=True)
-    torch.library.opcheck(torch.ops.vidfast.group_topk.default, (torch.randn(2, 8, 7, 33, device="cuda"), 4, 13))

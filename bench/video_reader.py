@@ -8,7 +8,7 @@ Clips: the real sample clips, and a 10-minute clip made by looping bikes.mp4 wit
 cached next to the samples). Cases: 16 frames uniform, 16 frames at stride 4 from a random start (the same start
 for every reader), one frame per second.
 
-    python -m bench.decode [--repeats 5] [--quick]
+    python -m bench.video_reader [--repeats 5] [--quick]
 """
 
 import argparse
@@ -187,9 +187,9 @@ def main():
     print(f"\nframes/s (higher is better), median of {repeats} runs (1 on the 10-minute clip); "
           f"torch threads {torch.get_num_threads()}; median ratio to the fastest peer {statistics.median(ratios):.2f}x,"
           f" worst {min(ratios):.2f}x")
-    path = write_json("decode", {"size": SIZE, "repeats": repeats, "results": results, "table": table,
-                                 "median_ratio_vs_fastest_peer": statistics.median(ratios),
-                                 "worst_ratio_vs_fastest_peer": min(ratios)})
+    path = write_json("video_reader", {"size": SIZE, "repeats": repeats, "results": results, "table": table,
+                                       "median_ratio_vs_fastest_peer": statistics.median(ratios),
+                                       "worst_ratio_vs_fastest_peer": min(ratios)})
     print(f"wrote {path}")
     print(f"wrote {plot(results, path.with_suffix('.png'))}")
 

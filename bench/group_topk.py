@@ -5,7 +5,7 @@ Peers, on the same patch embeddings [B=8, T=16, L=256, D] with G=4 groups:
   group, argsort again to restore, mask by gather), then the kept indices from the mask (nonzero).
 - "torch": the same selection written lean in PyTorch (no clone, one stable sort per group, exact budget split).
 The machine's limit is one copy of the input (memory bandwidth): the op must read every embedding once.
-Run: python -m bench.select
+Run: python -m bench.group_topk
 """
 
 import torch
@@ -80,7 +80,7 @@ def main():
     print(f"group_topk, B={B} T={T} L={L} G={G}, float32; medians of 10")
     print(markdown_table(["device", "D", "budget", "op ms", "official ms", "torch ms", "official / op",
                           "torch / op", "op GB/s read", "copy GB/s"], rows))
-    print("wrote", write_json("select", {"B": B, "T": T, "L": L, "G": G, "results": results}))
+    print("wrote", write_json("group_topk", {"B": B, "T": T, "L": L, "G": G, "results": results}))
 
 
 if __name__ == "__main__":
