@@ -77,10 +77,11 @@ def main():
                              t_official["median_ms"], t_torch["median_ms"], t_official["median_ms"] / t_op["median_ms"],
                              t_torch["median_ms"] / t_op["median_ms"], gbps,
                              floor["gb_per_s"] if device == "cpu" else "-"])
+    table = markdown_table(["device", "D", "budget", "op ms", "official ms", "torch ms", "official / op",
+                            "torch / op", "op GB/s read", "copy GB/s"], rows)
     print(f"group_topk, B={B} T={T} L={L} G={G}, float32; medians of 10")
-    print(markdown_table(["device", "D", "budget", "op ms", "official ms", "torch ms", "official / op",
-                          "torch / op", "op GB/s read", "copy GB/s"], rows))
-    print("wrote", write_json("group_topk", {"B": B, "T": T, "L": L, "G": G, "results": results}))
+    print(table)
+    print("wrote", write_json("group_topk", {"B": B, "T": T, "L": L, "G": G, "results": results, "table": table}))
 
 
 if __name__ == "__main__":
