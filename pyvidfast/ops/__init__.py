@@ -1,6 +1,6 @@
 """Python wrappers, fake kernels and autograd formulas of the ``torch.ops.vidfast`` custom ops."""
 
-from pyvidfast.ops.attention import varlen_attention
+from pyvidfast.ops.varlen_attention import varlen_attention
 from pyvidfast.ops.rlt import IMAGENET_MEAN, IMAGENET_STD, PackedTokens, RLTTokenizer, rlt_mask, rlt_tokenize
 from pyvidfast.ops.select import group_budgets, group_topk
 

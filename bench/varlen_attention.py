@@ -9,7 +9,7 @@ forward, and forward + backward. Peers, timed in the same run on the same tensor
   loop    - one SDPA call per sequence on views of the packed tensors;
   nested  - SDPA on a jagged nested tensor (torch.nested, layout=torch.jagged).
 GFLOP/s counts useful work only: 4 L^2 H D per sequence forward, 2.5x that for the backward pass. "peak MiB" is the
-rise of the process's peak resident memory during one call (outputs and gradients included). Run: python -m bench.attention [--quick]
+rise of the process's peak resident memory during one call (outputs and gradients included). Run: python -m bench.varlen_attention [--quick]
 """
 
 import argparse
@@ -185,7 +185,7 @@ def main():
         + ", ".join(f"{k} {v['gflop_per_s']:.0f}" for k, v in r["by_path"].items()) + ")" for d, r in limits.items())
         + f", {torch.get_num_threads()} threads")
     print(table)
-    path = write_json("attention", {"matmul_limit": limits, "results": results, "table": table})
+    path = write_json("varlen_attention", {"matmul_limit": limits, "results": results, "table": table})
     print(f"wrote {path} and {plot(results, path.with_suffix('.png'))}")
 
 

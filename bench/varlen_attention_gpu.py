@@ -2,7 +2,7 @@
 mask), a per-sequence SDPA loop, and torch.nn.attention.varlen.varlen_attn where this torch has it. Every timed
 call sits in an NVTX range (domain "pyvidfast"), so the script is ready for Nsight Systems:
 
-    VIDFAST_NVTX=1 nsys profile -t cuda,nvtx -o attention python -m bench.attention_gpu
+    VIDFAST_NVTX=1 nsys profile -t cuda,nvtx -o varlen_attention python -m bench.varlen_attention_gpu
 
 Workloads: ViT-B heads (12 x 64) with RLT's real kept lengths on 8 clips of 16 x 224 x 224 and synthetic spreads;
 bfloat16 and float16; forward and forward + backward. FLOPs count useful work (4 L^2 H D per sequence forward,
@@ -28,7 +28,7 @@ FULL = 1568
 
 
 def workloads():
-    from bench.attention import rlt_lengths  # decodes the sample clips on the CPU
+    from bench.varlen_attention import rlt_lengths  # decodes the sample clips on the CPU
 
     gen = torch.Generator().manual_seed(0)
     spread = lambda lo, hi, b=8: torch.randint(int(lo * FULL), int(hi * FULL) + 1, (b,), generator=gen).tolist()  # noqa
@@ -41,7 +41,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     if not (torch.cuda.is_available() and build_info()["cuda_kernels"]):
-        print("attention_gpu: no CUDA device or no CUDA kernels in this build; nothing to measure")
+        print("varlen_attention_gpu: no CUDA device or no CUDA kernels in this build; nothing to measure")
         return
     enable_nvtx(True)
     dev = torch.device("cuda")
@@ -96,7 +96,7 @@ def main():
     print(f"device: {torch.cuda.get_device_name(0)}")
     table = markdown_table(headers, rows)
     print(table)
-    print(f"wrote {write_json('attention_gpu', {'results': results, 'table': table})}")
+    print(f"wrote {write_json('varlen_attention_gpu', {'results': results, 'table': table})}")
 
 
 if __name__ == "__main__":
