@@ -209,6 +209,20 @@ def test_no_leak_across_sequences(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_gradient_of_some_inputs_only(device):
+    """Only v requires a gradient: it equals v's gradient when all three do, and q, k get none."""
+    q, k, v, cu, _ = random_inputs([12, 30], [12, 30], heads=2, kv_heads=1, head_dim=32, dtype=torch.float32,
+                                   device=device)
+    grad = torch.randn_like(q)
+    v_only = v.clone().requires_grad_()
+    varlen_attention(q, k, v_only, cu, cu, 30, 30).backward(grad)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    varlen_attention(*leaves, cu, cu, 30, 30).backward(grad)
+    assert torch.equal(v_only.grad, leaves[2].grad)
+    assert q.grad is None and k.grad is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_strided_inputs(device):
     """q, k, v as views of a packed qkv tensor [N, 3, H, D] (rows not contiguous) give the same result."""
     lengths = [20, 45]
