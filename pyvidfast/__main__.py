@@ -23,6 +23,9 @@ def _info(args) -> None:
     else:
         print("GPU present: no")
     print(f"CPU threads: {torch.get_num_threads()}")
+    from pyvidfast.ops.varlen_attention import cpu_path
+
+    print(f"varlen_attention CPU path: {cpu_path()} (ATen CPU capability {torch.backends.cpu.get_cpu_capability()})")
 
 
 def _samples(args) -> None:
@@ -41,7 +44,8 @@ def _demo(args) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="pyvidfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, CUDA kernels built and architectures, frame reader built, GPU presence").set_defaults(func=_info)
+    sub.add_parser("info", help="versions, CUDA kernels built and architectures, frame reader built, GPU presence, "
+                               "CPU paths").set_defaults(func=_info)
     sub.add_parser("samples", help="fetch and check the real sample clips").set_defaults(func=_samples)
     demo = sub.add_parser("demo", help="RLT on a real clip, VideoMAE V2 dense vs packed, PNG of kept patches")
     demo.add_argument("--clip", default="balle-jbart.mp4", help="sample clip name or a video path")

@@ -3,7 +3,7 @@ from pyvidfast._library import load_library
 
 load_library()  # before the wrappers register fakes: without a build, a clear ImportError
 
-from pyvidfast.ops.attention import varlen_attention
+from pyvidfast.ops.varlen_attention import varlen_attention
 from pyvidfast.ops.rlt import IMAGENET_MEAN, IMAGENET_STD, PackedTokens, RLTTokenizer, rlt_mask, rlt_tokenize
 from pyvidfast.ops.group_topk import group_budgets, group_topk
 

@@ -1,7 +1,8 @@
 #pragma once
-// Row-major GEMM on float32 (or float64) tiles. On x86 with AVX2 or AVX-512 float32 tiles go to oneDNN's batch-reduce
-// GEMM micro-kernel (at::native::cpublas::brgemm, JIT-compiled for the CPU), measured 2.3x faster per core than
-// MKL's sgemm on this project's AMD build machine, where MKL takes its generic AVX2 path. Otherwise BLAS's sgemm_ /
+// Row-major GEMM on float32 (or float64) tiles. On the avx2 path float32 tiles go to this package's FMA micro-kernel
+// (gemm_avx2.h); on the brgemm path (x86 with AVX2 or AVX-512) to oneDNN's batch-reduce GEMM micro-kernel
+// (at::native::cpublas::brgemm, JIT-compiled for the CPU), measured 2.3x faster per core than MKL's sgemm on this
+// project's AMD build machine, where MKL takes its generic AVX2 path. Otherwise BLAS's sgemm_ /
 // dgemm_, which libtorch_cpu exports in x86 builds (MKL); they are bound weakly so the library still loads against a
 // torch without them, and then a plain loop (correct, slower) takes over. Included by kernel_impl.h once per
 // CPU_CAPABILITY, so everything that depends on it lives in that namespace.
@@ -17,6 +18,11 @@
 #include <cstdint>
 #include <type_traits>
 #include <vector>
+
+#include "varlen_attention/cpu/kernel.h"
+#if defined(CPU_CAPABILITY_AVX2)
+#include "varlen_attention/cpu/gemm_avx2.h"
+#endif
 
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
@@ -173,6 +179,15 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
           int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   constexpr bool is_float = std::is_same_v<T, float>;
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (is_float) {
+    if (selected_path() == Path::kAvx2) {
+      gemm_packed(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta != T(0), c, ldc,
+                  scratch<T>(1, ceil_div(n, kPanel) * kPanel * k));
+      return;
+    }
+  }
+#endif
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   if constexpr (is_float) {
     if (brgemm_works<float>() && k > 0) {

@@ -1,7 +1,7 @@
 // Tiled CPU kernels of varlen attention (flash-attention's algorithm): for each (sequence, head, query block) the
 // key/value blocks stream through an online softmax, so no score matrix larger than one tile exists. Products of
-// tiles are float32 GEMMs; softmax passes use at::vec (exp_u20), compiled for the CPU_CAPABILITY of the including
-// file. Work is spread over threads by a shared counter, largest tasks first, because sequence lengths differ.
+// tiles are float32 GEMMs (gemm.h: brgemm, the AVX2 micro-kernel or BLAS, by path); softmax passes use at::vec
+// (exp_u20), compiled for the CPU_CAPABILITY of the including file. Work is spread over threads by a shared counter, largest tasks first, because sequence lengths differ.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -414,6 +414,8 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
 }
 
 }  // namespace
+
+bool brgemm_available() { return brgemm_works<float>(); }
 
 void forward(const Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
              const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, at::Tensor& out, at::Tensor& lse) {

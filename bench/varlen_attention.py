@@ -7,14 +7,21 @@ forward, and forward + backward. Peers, timed in the same run on the same tensor
   padded  - F.scaled_dot_product_attention on the batch padded to the longest sequence, with a key-padding mask
             (padding and unpadding are not timed: generous to this path);
   loop    - one SDPA call per sequence on views of the packed tensors;
-  nested  - SDPA on a jagged nested tensor (torch.nested, layout=torch.jagged).
+  nested  - SDPA on a jagged nested tensor (torch.nested, layout=torch.jagged);
+  flex    - FlexAttention compiled (torch.compile), the packed tensors with a block mask of the sequences (building
+            the mask is not timed); forward only, as PyTorch has no FlexAttention backward on the CPU.
 GFLOP/s counts useful work only: 4 L^2 H D per sequence forward, 2.5x that for the backward pass. "peak MiB" is the
-rise of the process's peak resident memory during one call (outputs and gradients included). Run: python -m bench.attention [--quick]
+rise of the process's peak resident memory during one call (outputs and gradients included). The printout and the
+JSON name the CPU, its vector ISA and the CPU path ours took (VIDFAST_ATTENTION_PATH, or --path, forces one).
+Run: python -m bench.varlen_attention [--quick] [--path brgemm|avx2|default]
 """
 
 import argparse
 import ctypes
+import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 # Every allocation of 64 KiB or more gets its own mapping, returned on free, so the peak resident memory of a call
@@ -27,13 +34,32 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.common import grouped_bar_chart, markdown_table, matmul_rate, time_fn, write_json  # noqa: E402
+from bench.common import grouped_bar_chart, markdown_table, matmul_rate, write_json  # noqa: E402
 from pyvidfast.ops import rlt_tokenize, varlen_attention  # noqa: E402
+from pyvidfast.ops.varlen_attention import CPU_PATHS, cpu_path  # noqa: E402
 from pyvidfast.io import decode_frames  # noqa: E402
 from pyvidfast.samples import CLIPS, sample_path  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 64
 FULL = 8 * 14 * 14  # tokens of a 16 x 224 x 224 clip with 2 x 16 x 16 tubelets
+PEERS = ("padded", "loop", "nested", "flex")
+
+
+def cpu_description() -> dict:
+    """The CPU model and the vector ISA that matter here (from /proc/cpuinfo on Linux), and ATen's capability."""
+    model, flags = "unknown", set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    names = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512F", "avx512_bf16": "AVX512-BF16",
+             "avx512_fp16": "AVX512-FP16", "amx_tile": "AMX"}
+    isa = "+".join(name for flag, name in names.items() if flag in flags) or "no AVX2"
+    return {"model": model, "isa": isa, "aten_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def rlt_lengths(clips=8, frames=16, size=224):
@@ -98,7 +124,15 @@ class Problem:
         self.mask = (torch.arange(longest)[None] < torch.tensor(lengths)[:, None]).view(b, 1, 1, longest)
         self.padded_grad = torch.randn_like(self.padded[0])
         self.offsets = self.cu.long()
+        self.block_mask = None
         self.flops = sum(4 * l * l * HEADS * HEAD_DIM for l in lengths)
+
+    def flex_mask(self):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        n = sum(self.lengths)
+        sequence = torch.repeat_interleave(torch.arange(len(self.lengths)), torch.tensor(self.lengths))
+        return create_block_mask(lambda b, h, i, j: sequence[i] == sequence[j], None, None, n, n, device="cpu")
 
     def paths(self, backward):
         def run(make_leaves, forward, grad):
@@ -130,12 +164,51 @@ class Problem:
             nts = [torch.nested.nested_tensor_from_jagged(t, self.offsets).transpose(1, 2) for t in (q, k, v)]
             return F.scaled_dot_product_attention(*nts).transpose(1, 2).values()
 
-        return {
+        def flex(q, k, v):
+            if self.block_mask is None:
+                self.block_mask = self.flex_mask()
+            heads_first = [t.transpose(0, 1)[None] for t in (q, k, v)]
+            return compiled_flex_attention()(*heads_first, block_mask=self.block_mask)[0].transpose(0, 1)
+
+        paths = {
             "ours": lambda: run(packed_leaves, ours, self.grad),
             "padded": lambda: run(padded_leaves, padded, self.padded_grad),
             "loop": lambda: run(packed_leaves, loop, self.grad),
             "nested": lambda: run(packed_leaves, nested, self.grad),
         }
+        if not backward:
+            paths["flex"] = lambda: run(packed_leaves, flex, self.grad)
+        return paths
+
+
+def compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+_compiled_flex = None
+
+
+def time_interleaved(fns: dict, repeats: int, once: set) -> dict:
+    """Median, min and max ms of each fn, timed in turns (one call of each per round) so that a change in the load of
+    a shared machine affects every path alike. Paths in `once` (slow ones) get one untimed-warmup-free call."""
+    times = {name: [] for name in fns}
+    for name, fn in fns.items():
+        if name not in once:
+            fn()  # warm-up (and compilation, for FlexAttention)
+    for round_ in range(repeats):
+        for name, fn in fns.items():
+            if name in once and round_ > 0:
+                continue
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "repeats": len(t)}
+            for name, t in times.items()}
 
 
 def main():
@@ -143,12 +216,21 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="two workloads, for a smoke run")
     parser.add_argument("--skip-nested", action="store_true", help="leave out the (slow) nested-tensor path")
+    parser.add_argument("--skip-flex", action="store_true", help="leave out FlexAttention (compiles for minutes)")
+    parser.add_argument("--path", choices=CPU_PATHS, help="force this CPU path of ours (VIDFAST_ATTENTION_PATH)")
     args = parser.parse_args()
+    if args.path:
+        os.environ["VIDFAST_ATTENTION_PATH"] = args.path  # read by the library on its first call
+    cpu = {**cpu_description(), "path": cpu_path()}
+    print(f"CPU: {cpu['model']} ({cpu['isa']}; ATen capability {cpu['aten_capability']}), "
+          f"varlen_attention CPU path: {cpu['path']}")
 
     limits = {str(d): matmul_rate(1024, d) for d in (torch.float32, torch.bfloat16)}
     mm = {d: r["gflop_per_s"] for d, r in limits.items()}
     loads = workloads(args.quick)
     cases = [(w, d, bwd) for w in loads for d in (torch.float32, torch.bfloat16) for bwd in (False, True)]
+    skipped = {name for name, skip in (("nested", args.skip_nested), ("flex", args.skip_flex)) if skip}
+    nan = {"median_ms": float("nan"), "gflop_per_s": float("nan"), "peak_mib": float("nan")}
     results, rows = [], []
     for name, dtype, backward in tqdm(cases, desc="attention"):
         problem = Problem(loads[name], dtype)
@@ -156,43 +238,47 @@ def main():
         entry = {"workload": name, "dtype": str(dtype), "pass": "fwd+bwd" if backward else "fwd",
                  "lengths": problem.lengths, "kept": sum(problem.lengths) / (FULL * len(problem.lengths)),
                  "gflop": flops / 1e9, "paths": {}}
-        for path, fn in problem.paths(backward).items():
-            if path == "nested" and args.skip_nested:
-                entry["paths"][path] = {"median_ms": float("nan"), "gflop_per_s": float("nan"), "peak_mib": float("nan")}
+        fns = {k: fn for k, fn in problem.paths(backward).items() if k not in skipped}
+        # The nested path runs PyTorch's math kernel (slow): one run is enough to place it.
+        timed = time_interleaved(fns, args.repeats, once={"nested"})
+        for path in ("ours", *PEERS):
+            if path not in timed:
+                entry["paths"][path] = dict(nan)
                 continue
-            # The nested path runs PyTorch's math kernel (slow): one run is enough to place it.
-            slow = path == "nested"
-            t = time_fn(fn, repeats=1 if slow else args.repeats, warmup=0 if slow else 1)
+            t = timed[path]
             t["gflop_per_s"] = flops / (t["median_ms"] * 1e-3) / 1e9
-            t["peak_mib"] = peak_rss_rise_mib(fn)
+            t["peak_mib"] = peak_rss_rise_mib(fns[path])
             entry["paths"][path] = t
         p = entry["paths"]
-        best_peer = min((k for k in ("padded", "loop", "nested") if p[k]["median_ms"] == p[k]["median_ms"]),
-                        key=lambda k: p[k]["median_ms"])
+        best_peer = min((k for k in PEERS if p[k]["median_ms"] == p[k]["median_ms"]), key=lambda k: p[k]["median_ms"])
+        entry["best_peer"] = best_peer
         entry["speedup_vs_best_peer"] = p[best_peer]["median_ms"] / p["ours"]["median_ms"]
         entry["speedup_vs_padded"] = p["padded"]["median_ms"] / p["ours"]["median_ms"]
         entry["fraction_of_mm"] = p["ours"]["gflop_per_s"] / mm[str(dtype)]
+        entry["best_peer_fraction_of_mm"] = p[best_peer]["gflop_per_s"] / mm[str(dtype)]
         results.append(entry)
         rows.append([name, str(dtype).replace("torch.", ""), entry["pass"], f"{entry['kept']:.0%}",
-                     p["ours"]["median_ms"], p["padded"]["median_ms"], p["loop"]["median_ms"], p["nested"]["median_ms"],
-                     p["ours"]["gflop_per_s"], f"{entry['fraction_of_mm']:.0%}", entry["speedup_vs_best_peer"],
-                     entry["speedup_vs_padded"], f"{p['ours']['peak_mib']:.0f} / {p['padded']['peak_mib']:.0f}"])
-    headers = ["workload", "dtype", "pass", "kept", "ours ms", "padded ms", "loop ms", "nested ms", "ours GFLOP/s",
-               "of matmul limit", "x best peer", "x padded", "peak MiB ours / padded"]
+                     *(p[k]["median_ms"] for k in ("ours", *PEERS)), p["ours"]["gflop_per_s"],
+                     f"{entry['fraction_of_mm']:.0%} / {entry['best_peer_fraction_of_mm']:.0%}",
+                     f"{entry['speedup_vs_best_peer']:.2f} ({best_peer})", entry["speedup_vs_padded"],
+                     f"{p['ours']['peak_mib']:.0f} / {p['padded']['peak_mib']:.0f}"])
+    headers = ["workload", "dtype", "pass", "kept", "ours ms", *(f"{k} ms" for k in PEERS), "ours GFLOP/s",
+               "of matmul limit ours / best peer", "x best peer", "x padded", "peak MiB ours / padded"]
     table = markdown_table(headers, rows)
     print("matmul limit 1024^3: " + ", ".join(
         f"{d.replace('torch.', '')} {r['gflop_per_s']:.0f} GFLOP/s ({r['path']}; "
         + ", ".join(f"{k} {v['gflop_per_s']:.0f}" for k, v in r["by_path"].items()) + ")" for d, r in limits.items())
         + f", {torch.get_num_threads()} threads")
     print(table)
-    path = write_json("attention", {"matmul_limit": limits, "results": results, "table": table})
+    name = "varlen_attention" if args.path is None else f"varlen_attention_{args.path}"
+    path = write_json(name, {"cpu": cpu, "matmul_limit": limits, "results": results, "table": table})
     print(f"wrote {path} and {plot(results, path.with_suffix('.png'))}")
 
 
 def plot(results: list[dict], out: Path) -> Path:
     """Bar chart: ms per call of ours and each PyTorch path, per workload, dtype and pass (log scale)."""
     labels = [f"{r['workload']}\n{r['dtype'].replace('torch.', '')} {r['pass']}" for r in results]
-    series = {name: [r["paths"][name]["median_ms"] for r in results] for name in ("ours", "padded", "loop", "nested")}
+    series = {name: [r["paths"][name]["median_ms"] for r in results] for name in ("ours", *PEERS)}
     return grouped_bar_chart(labels, series, "ms per call (lower is better)",
                              "Varlen attention on the CPU, ViT-B heads (12 x 64)", out)
 

@@ -1,15 +1,22 @@
-"""varlen_attention against a float64 dense reference, gradcheck, opcheck, checks of bad input, torch.compile, and
-the CUDA kernel against the reference and the CPU kernel (skipped without a GPU)."""
+"""varlen_attention against a float64 dense reference, gradcheck, opcheck, checks of bad input and torch.compile.
+Each test body runs on every device (CUDA skipped without a GPU); every CPU path (brgemm, avx2, default) this CPU
+can run is checked against the reference in a fresh process that forces it with VIDFAST_ATTENTION_PATH."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-import pyvidfast
 from pyvidfast.io import decode_frames
 from pyvidfast.ops import rlt_tokenize, varlen_attention
-from tests.conftest import requires_cuda_kernels, requires_vector_kernels, run_portable
+from pyvidfast.ops.varlen_attention import CPU_PATHS, cpu_path
+from tests.conftest import requires_cuda_kernels
+
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda_kernels)]
 
 # Error budgets, relative to the largest magnitude of the reference tensor. float32 accumulates like the reference
 # up to rounding (1e-7 per operation, sums of a few hundred terms). bfloat16 / float16 inputs are exact in the
@@ -87,41 +94,81 @@ def check_against_reference(q, k, v, cu_q, cu_k, causal, scale=None, device="cpu
     return out, lse
 
 
-# Lengths around the CPU tiles (256 queries x 512 keys), with empty and single-token sequences.
+# Lengths around the CPU tiles (256 queries x 512 keys) and the AVX2 micro-tiles (6 rows x 16 columns), with empty
+# and single-token sequences.
 LENGTHS = [[0, 1, 300, 257, 7, 0], [513]]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lengths", LENGTHS)
-def test_matches_reference(dtype, causal, lengths):
-    q, k, v, cu_q, cu_k = random_inputs(lengths, lengths, heads=3, kv_heads=3, head_dim=64, dtype=dtype)
+def test_matches_reference(device, dtype, causal, lengths):
+    q, k, v, cu_q, cu_k = random_inputs(lengths, lengths, heads=3, kv_heads=3, head_dim=64, dtype=dtype,
+                                        device=device)
     check_against_reference(q, k, v, cu_q, cu_k, causal)
 
 
-# bfloat16 with an even head dim takes the 16-bit brgemm tiles where the CPU has them; 33 takes widened tiles.
+# bfloat16 with an even head dim takes the 16-bit brgemm tiles where the CPU has them; 33 takes widened tiles. On
+# the AVX2 path, 33 and 80 leave partial 16-column panels. On CUDA 32, 64, 80, 96 and 128 take the tensor cores.
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [32, 33, 80, 96, 128])
-def test_grouped_query_and_head_dims(dtype, causal, head_dim):
+def test_grouped_query_and_head_dims(device, dtype, causal, head_dim):
     q, k, v, cu_q, cu_k = random_inputs([70, 0, 141], [70, 0, 141], heads=6, kv_heads=2, head_dim=head_dim,
-                                        dtype=dtype)
+                                        dtype=dtype, device=device)
     check_against_reference(q, k, v, cu_q, cu_k, causal)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
-def test_different_query_and_key_lengths(dtype, causal):
+def test_different_query_and_key_lengths(device, dtype, causal):
     # More queries than keys (causal rows that see no key), more keys than queries, and empty sides.
-    q, k, v, cu_q, cu_k = random_inputs([40, 5, 0, 3, 300], [9, 60, 4, 0, 271], heads=2, kv_heads=1,
-                                        head_dim=32, dtype=dtype)
+    q, k, v, cu_q, cu_k = random_inputs([40, 5, 0, 3, 300, 129], [9, 60, 4, 0, 271, 200], heads=2, kv_heads=1,
+                                        head_dim=32, dtype=dtype, device=device)
     out, lse = check_against_reference(q, k, v, cu_q, cu_k, causal, scale=0.3)
     assert (out[45:48] == 0).all(), "queries of a sequence with no key output zeros"
 
 
-def test_negative_scale_and_large_scores():
-    q, k, v, cu_q, cu_k = random_inputs([33, 65], [33, 65], heads=2, kv_heads=2, head_dim=32, dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_negative_scale_and_large_scores(device):
+    q, k, v, cu_q, cu_k = random_inputs([33, 65], [33, 65], heads=2, kv_heads=2, head_dim=32, dtype=torch.float32,
+                                        device=device)
     check_against_reference(q * 30, k, v, cu_q, cu_k, causal=False, scale=-0.7)
+
+
+# The reference tests above, run again in a fresh process per CPU path: the path is chosen once per process. (The
+# -k expression leaves this test out, or each run would start another.)
+REFERENCE_TESTS = "matches_reference or grouped_query or different_query"
+PRINT_PATH = "from pyvidfast.ops.varlen_attention import cpu_path; print(cpu_path())"
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_every_cpu_path_matches_reference(path):
+    if path == cpu_path():
+        pytest.skip(f"{path} is this process's path: the reference tests in this run check it")
+    env = {**os.environ, "VIDFAST_ATTENTION_PATH": path}
+    root = Path(__file__).parents[1]
+    probe = subprocess.run([sys.executable, "-c", PRINT_PATH], env=env, cwd=root, capture_output=True, text=True,
+                           timeout=120)
+    if probe.returncode != 0:
+        assert "ValueError: VIDFAST_ATTENTION_PATH=" in probe.stderr, probe.stderr
+        pytest.skip(probe.stderr.strip().splitlines()[-1])
+    assert probe.stdout.strip() == path
+    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k",
+                          f"({REFERENCE_TESTS}) and not cuda and not every_cpu_path"], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, f"path {path}:\n{run.stdout[-4000:]}{run.stderr[-2000:]}"
+
+
+def test_unknown_cpu_path_raises():
+    env = {**os.environ, "VIDFAST_ATTENTION_PATH": "avx1024"}
+    run = subprocess.run([sys.executable, "-c", PRINT_PATH], env=env, cwd=Path(__file__).parents[1], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode != 0
+    assert "ValueError: VIDFAST_ATTENTION_PATH: expected brgemm, avx2 or default; got 'avx1024'" in run.stderr
 
 
 def test_float64_gradcheck():
@@ -135,10 +182,11 @@ def test_float64_gradcheck():
         assert torch.autograd.gradcheck(fn, inputs)
 
 
-def test_no_leak_across_sequences():
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_leak_across_sequences(device):
     """Changing every token of the neighbours must leave a sequence's output and gradients unchanged, bit for bit."""
     q, k, v, cu_q, cu_k = random_inputs([50, 200, 31], [50, 200, 31], heads=2, kv_heads=2, head_dim=32,
-                                        dtype=torch.float32)
+                                        dtype=torch.float32, device=device)
     mid = slice(50, 250)
 
     def run(q, k, v):
@@ -157,15 +205,30 @@ def test_no_leak_across_sequences():
     for g, g2 in zip(grads, grads2):
         assert torch.equal(g[mid], g2[mid])
         assert (g2[:50] == 0).all() and (g2[250:] == 0).all()
-    alone = varlen_attention(q[mid], k[mid], v[mid], cu_seqlens([200]), cu_seqlens([200]), 200, 200)
+    alone = varlen_attention(q[mid], k[mid], v[mid], cu_seqlens([200], device), cu_seqlens([200], device), 200, 200)
     assert torch.allclose(out, alone, rtol=1e-6, atol=1e-6)
 
 
-def test_strided_inputs():
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_of_some_inputs_only(device):
+    """Only v requires a gradient: it equals v's gradient when all three do, and q, k get none."""
+    q, k, v, cu, _ = random_inputs([12, 30], [12, 30], heads=2, kv_heads=1, head_dim=32, dtype=torch.float32,
+                                   device=device)
+    grad = torch.randn_like(q)
+    v_only = v.clone().requires_grad_()
+    varlen_attention(q, k, v_only, cu, cu, 30, 30).backward(grad)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    varlen_attention(*leaves, cu, cu, 30, 30).backward(grad)
+    assert torch.equal(v_only.grad, leaves[2].grad)
+    assert q.grad is None and k.grad is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs(device):
     """q, k, v as views of a packed qkv tensor [N, 3, H, D] (rows not contiguous) give the same result."""
     lengths = [20, 45]
-    qkv = torch.randn(sum(lengths), 3, 4, 32)
-    cu = cu_seqlens(lengths)
+    qkv = torch.randn(sum(lengths), 3, 4, 32, device=device)
+    cu = cu_seqlens(lengths, device)
     q, k, v = qkv.unbind(1)
     out = varlen_attention(q, k, v, cu, cu, 45, 45, causal=True)
     expected = varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, 45, 45, causal=True)
@@ -185,45 +248,19 @@ def test_real_clips(sample_clips):
                                 causal=False)
 
 
-def opcheck_samples():
+def opcheck_samples(device):
     cases = []
     for dtype, causal in [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)]:
-        q, k, v, cu_q, cu_k = random_inputs([5, 0, 17], [5, 0, 17], heads=4, kv_heads=2, head_dim=16, dtype=dtype)
+        q, k, v, cu_q, cu_k = random_inputs([5, 0, 17], [5, 0, 17], heads=4, kv_heads=2, head_dim=16, dtype=dtype,
+                                            device=device)
         cases.append((q, k, v, cu_q, cu_k, causal))
     return cases
 
 
-@requires_vector_kernels
-def test_vector_kernels_match_the_portable_kernels(tmp_path):
-    """float32 tiles run on oneDNN's brgemm micro-kernel (with transposed operand copies) where it works, and
-    bfloat16 tiles on its 16-bit micro-kernel (VNNI-packed operands, P rounded to bfloat16) where the CPU has one;
-    the portable build widens to float32 and calls BLAS sgemm. Forward and gradients must agree to the input
-    type's rounding."""
-    lengths = [37, 0, 130, 1, 64]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    cases = [[torch.randn(sum(lengths), 4, 32, dtype=dtype) for _ in range(4)] for dtype in (torch.float32, torch.bfloat16)]
-    code = (
-        "result = []\n"
-        "for q, k, v, grad in inputs[0]:\n"
-        "    leaves = [t.clone().requires_grad_() for t in (q, k, v)]\n"
-        "    out = varlen_attention(*leaves, inputs[1], inputs[1], 130, 130, causal=True)\n"
-        "    out.backward(grad)\n"
-        "    result.append([out.detach()] + [t.grad for t in leaves])"
-    )
-    portable = run_portable(tmp_path, code, (cases, cu))
-    for (q, k, v, grad), expected in zip(cases, portable):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = varlen_attention(*leaves, cu, cu, 130, 130, causal=True)
-        out.backward(grad)
-        for ours, theirs in zip([out.detach()] + [t.grad for t in leaves], expected):
-            assert ours.dtype == q.dtype
-            assert_close(ours, theirs.double(), q.dtype, "vector vs portable")
-
-
-
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", range(3))
-def test_opcheck(case):
-    q, k, v, cu_q, cu_k, causal = opcheck_samples()[case]
+def test_opcheck(device, case):
+    q, k, v, cu_q, cu_k, causal = opcheck_samples(device)[case]
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, 17, 17, 0.25, causal)
     torch.library.opcheck(torch.ops.vidfast.varlen_attention_fwd.default, args)
     out, lse = torch.ops.vidfast.varlen_attention_fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
@@ -232,19 +269,41 @@ def test_opcheck(case):
     torch.library.opcheck(torch.ops.vidfast.varlen_attention_bwd.default, bwd_args)
 
 
-def test_torch_compile_fullgraph():
-    q, k, v, cu_q, cu_k = random_inputs([9, 23], [9, 23], heads=2, kv_heads=1, head_dim=32, dtype=torch.float32)
-
-    @torch.compile(fullgraph=True, backend="aot_eager")
-    def attend(q, k, v):
-        return varlen_attention(q, k, v, cu_q, cu_k, 23, 23, causal=True).square().sum()
-
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    attend(*leaves).backward()
-    eager = [t.clone().requires_grad_() for t in (q, k, v)]
-    varlen_attention(*eager, cu_q, cu_k, 23, 23, causal=True).square().sum().backward()
+def compiled_matches_eager(attend, inputs):
+    """attend(q, k, v, cu) compiled with fullgraph=True: the same loss and gradients as eagerly."""
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in inputs[:3]]
+    compiled(*leaves, inputs[3]).backward()
+    eager = [t.clone().requires_grad_() for t in inputs[:3]]
+    attend(*eager, inputs[3]).backward()
     for a, b in zip(leaves, eager):
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    q, k, v, cu_q, _ = random_inputs([9, 23], [9, 23], heads=2, kv_heads=1, head_dim=32, dtype=torch.float32,
+                                     device=device)
+
+    def attend(q, k, v, cu):
+        return varlen_attention(q, k, v, cu, cu, 23, 23, causal=True).square().sum()
+
+    compiled_matches_eager(attend, (q, k, v, cu_q))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_data_dependent_max_seqlen(device):
+    """The longest sequence read from cu_seqlens inside the compiled function (an unbacked SymInt) traces without a
+    graph break: the schema takes SymInt, the fake kernels ignore the value, the kernels get a plain int."""
+    q, k, v, cu_q, _ = random_inputs([9, 23, 4], [9, 23, 4], heads=2, kv_heads=2, head_dim=32, dtype=torch.float32,
+                                     device=device)
+
+    def attend(q, k, v, cu):
+        longest = int((cu[1:] - cu[:-1]).max())
+        return varlen_attention(q, k, v, cu, cu, longest, longest).square().sum()
+
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        compiled_matches_eager(attend, (q, k, v, cu_q))
 
 
 def bad_inputs():
@@ -286,18 +345,7 @@ def test_bad_backward_input_raises():
         torch.ops.vidfast.varlen_attention_bwd(out[:3], q, k, v, out, lse, None, cu, cu, 4, 4, 0.5, False)
 
 
-# ---------------------------------------------------------------------------------------------------------- CUDA
-
-
-@requires_cuda_kernels
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("head_dim", [32, 64, 80, 96, 128])
-def test_cuda_matches_reference(dtype, causal, head_dim):
-    lengths_q, lengths_k = [0, 1, 300, 129, 7, 64, 513], [3, 1, 300, 200, 0, 64, 513]
-    q, k, v, cu_q, cu_k = random_inputs(lengths_q, lengths_k, heads=4, kv_heads=2, head_dim=head_dim, dtype=dtype,
-                                        device="cuda")
-    check_against_reference(q, k, v, cu_q, cu_k, causal)
+# ------------------------------------------------------------------------------------ CPU and CUDA together
 
 
 @requires_cuda_kernels
@@ -313,14 +361,3 @@ def test_cuda_matches_cpu(dtype):
         results.append([out.detach().cpu().double()] + [t.grad.cpu().double() for t in leaves])
     for name, a, b in zip(["out", "grad q", "grad k", "grad v"], *results):
         assert_close(a, b, dtype, name)
-
-
-@requires_cuda_kernels
-def test_cuda_compile_and_opcheck():
-    q, k, v, cu_q, cu_k = random_inputs([5, 0, 17], [5, 0, 17], heads=4, kv_heads=2, head_dim=64,
-                                        dtype=torch.bfloat16, device="cuda")
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, 17, 17, 0.125, True)
-    torch.library.opcheck(torch.ops.vidfast.varlen_attention_fwd.default, args)
-    compiled = torch.compile(varlen_attention, fullgraph=True)
-    out = compiled(q, k, v, cu_q, cu_k, 17, 17, causal=True)
-    assert torch.equal(out, varlen_attention(q, k, v, cu_q, cu_k, 17, 17, causal=True))

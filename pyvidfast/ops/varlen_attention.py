@@ -11,6 +11,15 @@ import math
 import torch
 from torch import Tensor
 
+CPU_PATHS = ("brgemm", "avx2", "default")
+
+
+def cpu_path() -> str:
+    """The CPU path this process runs: ``brgemm`` (oneDNN's micro-kernel; AVX-512 CPUs), ``avx2`` (the FMA
+    micro-kernel of this package; AVX2 CPUs, or where brgemm is refused) or ``default`` (portable code, BLAS tiles).
+    ``VIDFAST_ATTENTION_PATH`` forces one, read once per process (as ``ATEN_CPU_CAPABILITY`` is)."""
+    return torch.ops.vidfast._varlen_attention_cpu_path()
+
 
 def varlen_attention(
     q: Tensor,
@@ -18,8 +27,8 @@ def varlen_attention(
     v: Tensor,
     cu_seqlens_q: Tensor,
     cu_seqlens_k: Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
+    max_seqlen_q: int | torch.SymInt,
+    max_seqlen_k: int | torch.SymInt,
     softmax_scale: float | None = None,
     causal: bool = False,
     return_lse: bool = False,
@@ -33,9 +42,9 @@ def varlen_attention(
         cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]``: sequence ``b`` owns queries
             ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and keys ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``; they start at 0,
             never decrease and end at ``Nq`` / ``Nk``. Sequences of length 0 are allowed.
-        max_seqlen_q, max_seqlen_k: host ints, at least the longest query / key sequence. On the CPU the
-            cu_seqlens values are checked against them; on CUDA they are trusted (checking would synchronize with
-            the device), as in flash-attn.
+        max_seqlen_q, max_seqlen_k: ints (or SymInts under ``torch.compile``, e.g. from ``.item()``), at least the
+            longest query / key sequence. On the CPU the cu_seqlens values are checked against them; on CUDA they
+            are trusted (checking would synchronize with the device), as in flash-attn.
         softmax_scale: multiplies ``q @ k^T``; default ``1 / sqrt(D)``.
         causal: query ``i`` of a sequence with ``Lq`` queries and ``Lk`` keys sees keys ``j <= i + Lk - Lq``
             (aligned to the bottom right, as flash-attn >= 2.1). A query that sees no key outputs zeros.
@@ -74,7 +83,10 @@ def _varlen_attention_bwd_fake(
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    # The backward needs every saved tensor for any one of the gradients (dq needs k and v, dk and dv need q), so
+    # it is all or nothing.
+    if any(ctx.needs_input_grad[:3]):
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
     ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal)
 
 
@@ -87,7 +99,8 @@ def _backward(ctx, grad_out, grad_lse):
     grad_q, grad_k, grad_v = torch.ops.vidfast.varlen_attention_bwd(
         grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k, *ctx.args
     )
-    return grad_q, grad_k, grad_v, None, None, None, None, None, None
+    grads = [g if needed else None for g, needed in zip((grad_q, grad_k, grad_v), ctx.needs_input_grad[:3])]
+    return *grads, None, None, None, None, None, None
 
 
 torch.library.register_autograd("vidfast::varlen_attention_fwd", _backward, setup_context=_setup_context)
