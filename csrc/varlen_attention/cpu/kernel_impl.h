@@ -120,7 +120,7 @@ acc_t exp_and_sum(acc_t* s, int64_t n, acc_t shift) {
 // machine, which has AVX512-BF16 but not AVX512-FP16, bfloat16 forwards ran 1.5x faster than widened tiles and
 // float16 ones 5% faster.)
 template <typename scalar_t>
-bool use_half_tiles(int64_t d) {
+bool use_half_tiles([[maybe_unused]] int64_t d) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>) {
     return d % 2 == 0 && brgemm_works<scalar_t>();

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/checks.h"
+#include "common/cpu_isa.h"
 #include "varlen_attention/cpu/kernel.h"
 #include "varlen_attention/varlen_attention.h"
 
@@ -19,8 +20,8 @@ enum class Build { kDefault, kAvx2, kAvx512 };
 
 Path choose_path() {
 #if defined(VIDFAST_ATTENTION_X86)
-  const std::string capability = at::get_cpu_capability();
-  const bool vector = capability == "AVX2" || capability == "AVX512";
+  const std::string capability = at::get_cpu_capability();  // named in the errors below
+  const bool vector = cpu_has(CpuIsa::kAvx2);
   const bool brgemm = vector && AVX2::brgemm_available();
 #else
   const std::string capability = "DEFAULT";
@@ -42,13 +43,13 @@ Path choose_path() {
     }
     VIDFAST_CHECK_VALUE(false, "VIDFAST_ATTENTION_PATH: expected brgemm, avx2 or default; got '", name, "'");
   }
-  if (capability == "AVX512" && brgemm) return Path::kBrgemm;
+  if (cpu_isa() == CpuIsa::kAvx512 && brgemm) return Path::kBrgemm;
   return vector ? Path::kAvx2 : Path::kDefault;
 }
 
 Build build_of(Path path) {
   if (path == Path::kDefault) return Build::kDefault;
-  if (path == Path::kBrgemm && at::get_cpu_capability() == "AVX512") return Build::kAvx512;
+  if (path == Path::kBrgemm && cpu_isa() == CpuIsa::kAvx512) return Build::kAvx512;
   return Build::kAvx2;
 }
 
