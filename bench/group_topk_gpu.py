@@ -1,4 +1,4 @@
-"""group_topk on a GPU against the official FluxViT selection and a lean PyTorch selection (bench.select's peers)
+"""group_topk on a GPU against the official FluxViT selection and a lean PyTorch selection (bench.group_topk's peers)
 on the same device, and the device copy bandwidth of the input (the op reads every embedding once).
 Patch embeddings [B=8, T=16, L=256, D] float32 and bfloat16, G=4 groups, budgets 1024 / 2048 / 3072.
 
@@ -8,7 +8,7 @@ Patch embeddings [B=8, T=16, L=256, D] float32 and bfloat16, G=4 groups, budgets
 import torch
 
 from bench.common_gpu import copy_bandwidth, device_for, parser, time_device, write_result
-from bench.select import G, official_selection, torch_selection
+from bench.group_topk import G, official_selection, torch_selection
 from pyvidfast.ops import group_topk
 from pyvidfast.profiling import nvtx_range
 

@@ -16,7 +16,7 @@ import torch
 from bench.common_gpu import device_for, parser, write_result
 from pyvidfast.ops import group_topk, rlt_mask, rlt_tokenize, varlen_attention
 
-# Attention tolerances: relative to the reference's largest magnitude, as tests/test_attention.py budgets them
+# Attention tolerances: relative to the reference's largest magnitude, as tests/test_varlen_attention.py budgets them
 # (bfloat16/float16 round the output and P; the backward pass rounds once more, so twice the forward budget).
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
