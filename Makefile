@@ -50,7 +50,7 @@ samples: venv
 
 # Every CPU benchmark, then the doc tables from their JSON (bench/results/*.json).
 bench: build samples
-	for b in bench/*.py; do m=$$(basename $$b .py); case $$m in common*|report|__init__) ;; *) $(PY) -m bench.$$m || exit 1;; esac; done
+	for b in bench/*.py; do m=$$(basename $$b .py); case $$m in common*|*_gpu|report|__init__) ;; *) $(PY) -m bench.$$m || exit 1;; esac; done
 	$(PY) -m bench.report
 
 clean:
