@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pyvidfast.io import VideoReader, read_list_file, sampling
-from pyvidfast.io.dataset import short_side_size
+from pyvidfast.io.dataset import SegmentClips, short_side_size
 from pyvidfast.models import create_model
 from pyvidfast.models.uniformerv2 import RECIPES
 from pyvidfast.train.__main__ import main as train_main
@@ -110,6 +110,19 @@ def test_segment_views():
     assert sampling.segment_views(3, 8, 2)[1][-1] <= 2  # short videos stay inside
     with pytest.raises(ValueError, match="num_views"):
         sampling.segment_views(10, 4, 0)
+
+
+def test_segment_clips_sampler(video_list):
+    with VideoReader(read_list_file(video_list)[0][0]) as reader:
+        n = len(reader)
+        middle = SegmentClips(4)(reader)
+        drawn = [SegmentClips(4)(reader, generator=torch.Generator().manual_seed(seed)) for seed in range(8)]
+        views = SegmentClips(4, num_clips=4)(reader)
+    assert n == 16 and middle == [1, 5, 9, 13]  # the middle frame of each 4-frame segment
+    for indices in drawn:  # one random frame inside each segment
+        assert [i // 4 for i in indices] == [0, 1, 2, 3]
+    assert len({tuple(d) for d in drawn}) > 1
+    assert views == sampling.segment_views(16, 4, 4)
 
 
 def test_eval_three_crops_four_clips_sums_softmax(video_list, clip_folder, tmp_path):

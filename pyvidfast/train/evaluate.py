@@ -1,7 +1,8 @@
 """Multi-view evaluation (``python -m pyvidfast.train eval``): softmax per view, summed over clips x crops per
 video (the official UniFormerV2 ``test_softmax``; the same ranking as their mean); top-1 and top-5 accuracy. Views
-follow ``--sampling``: dense clips spread over the video, or interleaved segment samples. How a model classifies its views (dense, ``--rlt``, FluxViT's ``--budget``) comes from
-its family's task (:func:`pyvidfast.train.tasks.eval_task`)."""
+follow ``--sampling``: dense clips spread over the video, or interleaved segment samples. How a model classifies
+its views (dense, ``--rlt``, FluxViT's ``--budget``) comes from its family's task
+(:func:`pyvidfast.train.tasks.eval_task`)."""
 
 import json
 from pathlib import Path
