@@ -57,6 +57,21 @@ class DenseClips:
         return sampling.dense_views(len(reader), self.clip_len, self.stride, self.num_clips)
 
 
+@dataclass(frozen=True)
+class SegmentClips:
+    """Sampler of ``num_segments`` frames, one per equal part of the video (:func:`sampling.segments`; TSN /
+    UniFormerV2 sparse sampling): a random frame per part when called with a generator (training), the middle one
+    without; with ``num_clips``, that many interleaved views (multi-view testing, :func:`sampling.segment_views`)."""
+
+    num_segments: int = 8
+    num_clips: int | None = None
+
+    def __call__(self, reader: VideoReader, generator: torch.Generator | None = None) -> list:
+        if self.num_clips is None:
+            return sampling.segments(len(reader), self.num_segments, random=generator is not None,
+                                     generator=generator)
+        return sampling.segment_views(len(reader), self.num_segments, self.num_clips)
+
 def crop_offsets(length: int, crop: int, num_crops: int) -> list[int]:
     """Starts of ``num_crops`` crops evenly spaced along a side of ``length`` (1: the centre)."""
     if num_crops == 1:

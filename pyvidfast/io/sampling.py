@@ -65,6 +65,18 @@ def segments(num_frames: int, num_segments: int, random: bool = False,
     return [min(i, num_frames - 1) for i in out]
 
 
+def segment_views(num_frames: int, num_segments: int, num_views: int = 1) -> list[list[int]]:
+    """Multi-view testing of segment sampling (UniFormerV2's sparse test loader): the video is cut into
+    ``num_segments`` equal parts of ``(num_frames - 1) / num_segments`` frames; view ``v`` takes, in every part,
+    the frame ``(v + 1) / (num_views + 1)`` of the way in, so the views interleave evenly."""
+    _check_count(num_frames)
+    if num_segments < 1 or num_views < 1:
+        raise ValueError(f"num_segments/num_views: expected positive ints; got {num_segments}, {num_views}")
+    seg = (num_frames - 1) / num_segments
+    offset = seg / (num_views + 1)
+    return [[min(int(round(seg * s)) + int(offset * (v + 1)), num_frames - 1) for s in range(num_segments)]
+            for v in range(num_views)]
+
 def uniform(num_frames: int, count: int) -> list[int]:
     """``count`` frames evenly spaced over the whole video, first and last included."""
     _check_count(num_frames)

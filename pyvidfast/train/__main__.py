@@ -3,6 +3,8 @@
     python -m pyvidfast.train pretrain --list train.txt --out runs/pt --steps 1000 --batch-size 32
     python -m pyvidfast.train finetune --list train.txt --out runs/ft --init runs/pt/checkpoint.pth --rlt
     python -m pyvidfast.train eval --list val.txt --checkpoint runs/ft/checkpoint.pth --num-clips 5 --num-crops 3
+    python -m pyvidfast.train finetune --list train.txt --out runs/uv2 --model uniformerv2_base_patch16_224 \
+        --clip-weights ViT-B-16.pt [--frozen]     # lr, drop path, sampling, eval views: the model's recipe
     python -m pyvidfast.train distill --list train.txt --out runs/flux_pt --model fluxvit_small_patch14 \
         --teacher videomae_vit_base_patch16_224 --teacher-checkpoint vit_b_k710.pth
     python -m pyvidfast.train finetune --flux --list train.txt --out runs/flux_ft --model fluxvit_small_patch14 \
@@ -13,12 +15,15 @@ The list file holds ``path [label]`` lines (label unused by ``pretrain``); relat
 Clip length, size and normalization come from the model's ``data_config`` (``--model-kwargs '{"num_frames": 16,
 "img_size": 224}'``), except for the Flux commands (``finetune --flux``, ``distill``), which draw length and size
 per step (flexi-sampling, see ``pyvidfast.train.tasks.fluxvit``). Each command runs one task of
-``pyvidfast.train.tasks`` (``finetune --flux`` runs ``flux_finetune``); see docs/training.md.
+``pyvidfast.train.tasks`` (``finetune --flux`` runs ``flux_finetune``); see docs/training.md. Settings left out
+(lr, weight decay, betas, warm-up, drop path, ``--sampling``, eval views) come from the model's published recipe
+(``model.recipe``) when it has one, else from the defaults listed in ``--help``; the run prints what it used.
 """
 
 import argparse
 
 from pyvidfast.train import evaluate, loop
+from pyvidfast.train.data import SAMPLINGS
 
 
 def _common(parser: argparse.ArgumentParser, model: str) -> None:
@@ -31,16 +36,34 @@ def _common(parser: argparse.ArgumentParser, model: str) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _sampling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sampling", choices=SAMPLINGS, default=None,
+                        help="dense: frames --stride apart; segments: one frame per equal part of the video "
+                             "(default: the model's recipe, else dense)")
+
+
+def _frozen(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--frozen", action="store_true",
+                        help="frozen backbone (models that take frozen: UniFormerV2; its frozen layout has no "
+                             "'balance' weight, so evaluate such a run with --frozen too)")
+
+
 def _training(parser: argparse.ArgumentParser, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
     parser.add_argument("--out", required=True, help="folder for checkpoint.pth and metrics.jsonl")
     parser.add_argument("--steps", type=int, required=True, help="optimizer steps of the whole schedule")
     parser.add_argument("--stop-at", type=int, default=0, help="stop after this step (the schedule still spans --steps)")
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (split evenly across ranks)")
-    parser.add_argument("--lr", type=float, default=lr)
-    parser.add_argument("--min-lr", type=float, default=1e-6)
-    parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--weight-decay", type=float, default=weight_decay)
-    parser.add_argument("--betas", type=float, nargs=2, default=betas)
+    # Default None: the model's recipe fills them in when it has one, else the fallbacks (pyvidfast.train.recipe).
+    parser.add_argument("--lr", type=float, default=None, help=f"default: the model's recipe, else {lr}")
+    parser.add_argument("--min-lr", type=float, default=None, help="default: the model's recipe, else 1e-6")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="default: the recipe's share of warm-up epochs of --steps, else 0")
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help=f"default: the model's recipe, else {weight_decay}")
+    parser.add_argument("--betas", type=float, nargs=2, default=None,
+                        help=f"default: the model's recipe, else {betas[0]} {betas[1]}")
+    parser.set_defaults(fallbacks={"lr": lr, "min_lr": 1e-6, "warmup_steps": 0, "weight_decay": weight_decay,
+                                   "betas": list(betas), "sampling": "dense"})
     parser.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: no clipping)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="data loader processes")
@@ -72,6 +95,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     _common(finetune, "videomae_vit_base_patch16_224")
     _training(finetune, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999))
     finetune.add_argument("--init", default=None, help="checkpoint to start from (official, HF, or pretrain run)")
+    finetune.add_argument("--clip-weights", default=None,
+                          help="CLIP weights for the backbone (models that take clip_weights: UniFormerV2)")
+    _frozen(finetune)
+    finetune.add_argument("--drop-path", type=float, default=None,
+                          help="drop path rate (drop_path_rate; default: the model's recipe, else the model's)")
+    finetune.add_argument("--backbone-drop-path", type=float, default=None,
+                          help="backbone drop path rate (backbone_drop_path_rate: UniFormerV2; default as --drop-path)")
+    _sampling(finetune)
     finetune.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay (1: none)")
     finetune.add_argument("--label-smoothing", type=float, default=0.0)
     finetune.add_argument("--mixup", type=float, default=0.0, help="mixup Beta alpha (0: off; the recipe uses 0.8)")
@@ -99,11 +130,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     distill.add_argument("--student-layers", type=int, nargs="+", default=[5, 7, 9, 11])
     distill.add_argument("--teacher-layers", type=int, nargs="+", default=[5, 7, 9, 11])
 
-    evaluation = sub.add_parser("eval", help="multi-view evaluation: top-1/top-5 of softmax averaged over views")
+    evaluation = sub.add_parser("eval", help="multi-view evaluation: top-1/top-5 of the softmax summed over views")
     _common(evaluation, "videomae_vit_base_patch16_224")
     evaluation.add_argument("--checkpoint", default=None, help="official, HF, or training-run checkpoint")
-    evaluation.add_argument("--num-clips", type=int, default=5, help="temporal clips per video")
-    evaluation.add_argument("--num-crops", type=int, default=3, help="spatial crops per clip")
+    evaluation.add_argument("--num-clips", type=int, default=None,
+                            help="temporal clips per video (default: the model's recipe, else 5)")
+    evaluation.add_argument("--num-crops", type=int, default=None,
+                            help="spatial crops per clip (default: the model's recipe, else 3)")
+    _sampling(evaluation)
+    _frozen(evaluation)
+    evaluation.set_defaults(fallbacks={"num_clips": 5, "num_crops": 3, "sampling": "dense"})
     evaluation.add_argument("--short-side", type=int, default=None,
                             help="resize the short side to this (default: the crop side)")
     evaluation.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from pyvidfast.io import DenseClips, VideoDataset
+from pyvidfast.io.dataset import SegmentClips
 
 SLOTS = 4096  # sample seeds of one step differ only below this: seed // SLOTS identifies the step
 
@@ -33,15 +34,30 @@ class Batch:
         return self.seeds[0] // SLOTS
 
 
+SAMPLINGS = ("dense", "segments")
+
+
+def clip_sampler(sampling: str, frames: int, stride: int, num_clips: int | None = None):
+    """The dataset sampler of ``--sampling``: ``dense`` (``frames`` frames ``stride`` apart) or ``segments`` (one
+    frame per segment, ``stride`` unused); ``num_clips`` views for testing."""
+    if sampling == "dense":
+        return DenseClips(frames, stride, num_clips)
+    if sampling == "segments":
+        return SegmentClips(frames, num_clips)
+    raise ValueError(f"sampling: expected one of {SAMPLINGS}; got {sampling!r}")
+
+
 class TrainingClips(Dataset):
     """Items ``(index, sample seed)`` of :class:`StepSampler` -> ``(clip, label, seed)``: ``frames`` frames
-    ``stride`` apart from a random start, the short side resized to ``size`` and a random ``size`` x ``size``
-    crop, all drawn from the sample's seed. ``shape`` is ``(frames, size)``, or ``shape(generator) -> (frames,
+    ``stride`` apart from a random start (``sampling="segments"``: a random frame of each of ``frames`` equal
+    parts), the short side resized to ``size`` and a random ``size`` x ``size`` crop, all drawn from the sample's
+    seed. ``shape`` is ``(frames, size)``, or ``shape(generator) -> (frames,
     size)`` drawn per step from the step's seed (Flux flexi-sampling), so a batch stacks on every rank."""
 
     def __init__(self, videos: VideoDataset, stride: int,
-                 shape: tuple[int, int] | Callable[[torch.Generator], tuple[int, int]]):
-        self.videos, self.stride, self._shape = videos, stride, shape
+                 shape: tuple[int, int] | Callable[[torch.Generator], tuple[int, int]], sampling: str = "dense"):
+        clip_sampler(sampling, 1, stride)  # checks the name
+        self.videos, self.stride, self._shape, self.sampling = videos, stride, shape, sampling
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -55,7 +71,7 @@ class TrainingClips(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int, int]:
         index, seed = item
         frames, size = self.shape(seed)
-        clip = self.videos.read(index, DenseClips(frames, self.stride), size, crop=size,
+        clip = self.videos.read(index, clip_sampler(self.sampling, frames, self.stride), size, crop=size,
                                 generator=torch.Generator().manual_seed(seed))
         return clip, self.videos.items[index][1], seed
 

@@ -22,9 +22,11 @@ from tqdm import tqdm
 
 from pyvidfast.train.data import Batch, StepSampler, collate
 from pyvidfast.train.optim import make_optimizer, make_scheduler
+from pyvidfast.train.recipe import apply_recipe, describe
 from pyvidfast.train.tasks import get_task
 
 CHECKPOINT_NAME = "checkpoint.pth"
+SETTINGS_NAME = "settings.json"  # the recipe settings the run used and where each came from
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,6 +196,10 @@ def train(args, task_name: str) -> list[float]:
     out = Path(args.out)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
+    settings = apply_recipe(args)
+    if ctx.main:
+        print(describe(settings), flush=True)
+        (out / SETTINGS_NAME).write_text(json.dumps(settings, indent=1))
     seed_everything(args.seed + ctx.rank)
     task = get_task(task_name).build(args).to(ctx.device)
     optimizer = make_optimizer(task.model, args.lr, args.weight_decay, getattr(args, "layer_decay", 1.0),

@@ -92,9 +92,39 @@ def eval_task(model: nn.Module) -> type[Task]:
 # Shared by the tasks' ``build``
 
 
-def build_model(name: str, kwargs_json: str = "", checkpoint: str | None = None) -> nn.Module:
-    """A registered model with JSON constructor overrides, loaded (strict) from ``checkpoint`` when given."""
-    return create_model(name, pretrained=checkpoint or None, **(json.loads(kwargs_json) if kwargs_json else {}))
+# Command-line flags that are model constructor arguments: ``args`` attribute -> (keyword, flag).
+MODEL_FLAGS = {"clip_weights": ("clip_weights", "--clip-weights"), "frozen": ("frozen", "--frozen"),
+               "drop_path": ("drop_path_rate", "--drop-path"),
+               "backbone_drop_path": ("backbone_drop_path_rate", "--backbone-drop-path")}
+
+
+def model_options(args) -> dict:
+    """Constructor overrides of the command line: ``--model-kwargs`` plus the model flags that are set."""
+    options = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    for attr, (keyword, flag) in MODEL_FLAGS.items():
+        value = getattr(args, attr, None)
+        if value is None or value is False:
+            continue
+        if keyword in options and options[keyword] != value:
+            raise ValueError(f"{flag}: {value!r} contradicts {keyword}={options[keyword]!r} of --model-kwargs")
+        options[keyword] = value
+    return options
+
+
+def build_model(name: str, options: str | dict = "", checkpoint: str | None = None) -> nn.Module:
+    """A registered model with constructor overrides (a dict, or JSON as ``--model-kwargs`` holds it), loaded
+    (strict) from ``checkpoint`` when given. An override the model does not take is reported by its flag."""
+    if isinstance(options, str):
+        options = json.loads(options) if options else {}
+    try:
+        return create_model(name, pretrained=checkpoint or None, **options)
+    except TypeError as error:
+        flags = {keyword: flag for keyword, flag in MODEL_FLAGS.values()}
+        for keyword in options:
+            if f"unexpected keyword argument '{keyword}'" in str(error):
+                flag = flags.get(keyword, f"--model-kwargs {keyword}")
+                raise ValueError(f"{flag}: model {name} does not take {keyword!r}") from error
+        raise
 
 
 def videos(args, model: nn.Module) -> VideoDataset:
@@ -104,6 +134,8 @@ def videos(args, model: nn.Module) -> VideoDataset:
 
 
 def model_clips(args, model: nn.Module) -> TrainingClips:
-    """Clips of the model's own frame count and size, every ``--stride``-th frame."""
+    """Clips of the model's own frame count and size: every ``--stride``-th frame, or one frame per segment with
+    ``--sampling segments``."""
     config = model.data_config
-    return TrainingClips(videos(args, model), args.stride, (config.num_frames, config.img_size))
+    return TrainingClips(videos(args, model), args.stride, (config.num_frames, config.img_size),
+                         getattr(args, "sampling", None) or "dense")

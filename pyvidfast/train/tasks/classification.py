@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyvidfast.train.data import Batch
-from pyvidfast.train.tasks.base import Task, build_model, model_clips, register_task
+from pyvidfast.train.tasks.base import Task, build_model, model_clips, model_options, register_task
 
 
 def mix_batch(video: Tensor, targets: Tensor, mixup: float, cutmix: float,
@@ -50,7 +50,7 @@ class Classification(Task):
 
     @classmethod
     def build(cls, args) -> "Classification":
-        model = build_model(args.model, args.model_kwargs, args.init)
+        model = build_model(args.model, model_options(args), args.init)
         return cls(model, model_clips(args, model), args.label_smoothing, args.mixup, args.cutmix, args.rlt)
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict]:

@@ -36,7 +36,7 @@ from pyvidfast.models.fluxvit import HEAD_BUDGETS, FluxViT, flux_num_groups, hea
 from pyvidfast.models.videomae import sinusoid_table
 from pyvidfast.ops import group_budgets, group_topk
 from pyvidfast.train.data import Batch, TrainingClips
-from pyvidfast.train.tasks.base import Task, build_model, register_task, videos
+from pyvidfast.train.tasks.base import Task, build_model, model_options, register_task, videos
 from pyvidfast.train.tasks.classification import mix_batch
 
 PATCH = 14
@@ -154,7 +154,7 @@ class FluxFinetuning(Task):
     def build(cls, args) -> "FluxFinetuning":
         if args.rlt:
             raise ValueError("--rlt: Flux fine-tuning selects tokens with group_topk; RLT packing does not apply")
-        backbone = build_model(args.model, args.model_kwargs, args.init)
+        backbone = build_model(args.model, model_options(args), args.init)
         return cls(FluxStudent(backbone), flexi_clips(args, backbone), args.budgets, args.label_smoothing,
                    args.mixup, args.cutmix)
 
@@ -352,7 +352,7 @@ class FluxDistillation(Task):
         if len(args.student_layers) != len(args.teacher_layers):
             raise ValueError(f"layers: {args.student_layers} (student) and {args.teacher_layers} (teacher) must "
                              "pair up")
-        backbone = build_model(args.model, args.model_kwargs, args.init)
+        backbone = build_model(args.model, model_options(args), args.init)
         teacher = VideoMAETeacher(build_model(args.teacher, args.teacher_kwargs, args.teacher_checkpoint))
         config = teacher.model.data_config
         settings = DoubleMaskSettings(tuple(args.teacher_resolutions), args.teacher_budget, config.patch_size,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pyvidfast.train.data import Batch
-from pyvidfast.train.tasks.base import Task, build_model, model_clips, register_task
+from pyvidfast.train.tasks.base import Task, build_model, model_clips, model_options, register_task
 
 # ----------------------------------------------------------------------------------------------------------------
 # Masks
@@ -121,7 +121,7 @@ class VideoMAEPretraining(Task):
 
     @classmethod
     def build(cls, args) -> "VideoMAEPretraining":
-        model = build_model(args.model, args.model_kwargs)
+        model = build_model(args.model, model_options(args))
         return cls(model, model_clips(args, model), args.mask_ratio, args.decoder_mask_ratio)
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict]:
