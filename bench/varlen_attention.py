@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.common import grouped_bar_chart, markdown_table, matmul_rate, write_json  # noqa: E402
+from bench.common import grouped_bar_chart, machine, markdown_table, matmul_rate, write_json  # noqa: E402
 from pyvidfast.ops import rlt_tokenize, varlen_attention  # noqa: E402
 from pyvidfast.ops.varlen_attention import CPU_PATHS, cpu_path  # noqa: E402
 from pyvidfast.io import decode_frames  # noqa: E402
@@ -43,23 +43,6 @@ from pyvidfast.samples import CLIPS, sample_path  # noqa: E402
 HEADS, HEAD_DIM = 12, 64
 FULL = 8 * 14 * 14  # tokens of a 16 x 224 x 224 clip with 2 x 16 x 16 tubelets
 PEERS = ("padded", "loop", "nested", "flex")
-
-
-def cpu_description() -> dict:
-    """The CPU model and the vector ISA that matter here (from /proc/cpuinfo on Linux), and ATen's capability."""
-    model, flags = "unknown", set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    names = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512F", "avx512_bf16": "AVX512-BF16",
-             "avx512_fp16": "AVX512-FP16", "amx_tile": "AMX"}
-    isa = "+".join(name for flag, name in names.items() if flag in flags) or "no AVX2"
-    return {"model": model, "isa": isa, "aten_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def rlt_lengths(clips=8, frames=16, size=224):
@@ -221,7 +204,9 @@ def main():
     args = parser.parse_args()
     if args.path:
         os.environ["VIDFAST_ATTENTION_PATH"] = args.path  # read by the library on its first call
-    cpu = {**cpu_description(), "path": cpu_path()}
+    host = machine()  # write_json records it too; the path is what this benchmark adds
+    cpu = {"model": host["cpu_model"], "isa": "+".join(host["isa_flags"]),
+           "aten_capability": host["aten_cpu_capability"], "path": cpu_path()}
     print(f"CPU: {cpu['model']} ({cpu['isa']}; ATen capability {cpu['aten_capability']}), "
           f"varlen_attention CPU path: {cpu['path']}")
 
