@@ -542,11 +542,14 @@ def test_training_step_on_real_clips_lowers_the_loss(sample_clips):
     assert after < before
 
 
+# The child loads this file by path: `tests` is no package, and a namespace import of it can find another.
 DDP_SCRIPT = """
-import sys, torch, torch.distributed as dist, torch.nn.functional as F
-from torch import nn
+import importlib.util, sys, torch, torch.distributed as dist, torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from tests.test_uniformerv2 import ddp_case
+spec = importlib.util.spec_from_file_location("uniformerv2_cases", sys.argv[2])
+cases = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cases)
+ddp_case = cases.ddp_case
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 for config in ("kinetics", "ssv2"):
@@ -576,8 +579,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path)]
-    subprocess.run(cmd, check=True, env=env, cwd=root, capture_output=True, timeout=300)
+           str(tmp_path), __file__]
+    run = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"torchrun exited {run.returncode}:\n{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
     for config in ("kinetics", "ssv2"):
         model, x, labels = ddp_case(config)
         F.cross_entropy(model(x), labels).backward()
