@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import signal
+import warnings
 from argparse import Namespace
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def resume_path(out: Path, resume: str, sharded: bool) -> Path | None:
         found = [p for p in (found if sharded else found[::-1]) if p is not None]
         return found[0] if found else None
     path = Path(resume)
-    if path.is_dir() and not (path / METADATA).exists():  # a run folder
+    if path.is_dir() and not path.name.startswith("step_") and not (path / METADATA).exists():  # a run folder
         found = latest_sharded(path) or (path / CHECKPOINT_NAME if (path / CHECKPOINT_NAME).exists() else None)
         if found is None:
             raise FileNotFoundError(f"resume: {path} holds no complete checkpoint ({SHARDED_DIR}/step_*/ with "
@@ -301,7 +302,9 @@ def read_sharded(folder: Path, prefix: str = "model.") -> tuple[dict[str, torch.
                for key, meta in metadata.state_dict_metadata.items()
                if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
     state = {**tensors, "extra": b""}
-    dcp.load(state, checkpoint_id=folder, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=folder, no_dist=True)
     return {key.removeprefix(prefix): state[key] for key in tensors}, _from_bytes(state["extra"])
 
 

@@ -196,8 +196,9 @@ def train(args, task_name: str) -> list[float]:
     if ctx.main:
         print(describe(settings), flush=True)
         (out / SETTINGS_NAME).write_text(json.dumps(settings, indent=1))
-    seed_everything(args.seed + ctx.rank)
+    seed_everything(args.seed)  # the same initialisation on every rank (FSDP2 shards each rank's own copy)
     task = get_task(task_name).build(args).to(ctx.device)
+    seed_everything(args.seed + ctx.rank)  # per-rank draws in training (dropout, drop path)
     if isinstance(task.dataset, TrainingClips):
         task.dataset.on_bad_sample = getattr(args, "on_bad_sample", "fail")
     objective = wrap(task, ctx, args)
