@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -38,6 +39,7 @@ from pyvidfast.train.distributed import Context
 CHECKPOINT_NAME = "checkpoint.pth"
 SHARDED_DIR = "checkpoints"
 METADATA = ".metadata"  # written by DCP last: a folder that has it is complete
+DCP_ERRORS = (Exception, CheckpointException)  # DCP's CheckpointException derives from BaseException
 FAULT_ENV = "PYVIDFAST_FAULT"  # tests only: "kill-in-save:STEP:RANK" SIGKILLs that rank after writing its shards
 
 
@@ -140,9 +142,9 @@ def save_checkpoint(out: Path, ctx: Context, model, optimizer, scheduler, step: 
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra}, partial)
             _fsync(partial)
             os.replace(partial, path)  # atomic on POSIX: readers see the old or the new checkpoint, never half
-        except OSError as caught:
+        except (OSError, RuntimeError) as caught:  # torch.save reports ENOSPC as a zip writer RuntimeError
+            error = write_failure(caught, path.parent, state_bytes(model.state_dict(), optimizer.state_dict()))
             partial.unlink(missing_ok=True)
-            error = f"{type(caught).__name__}: {caught}"
     _agree_on_failure(ctx, error, path)
     return path
 
@@ -163,8 +165,8 @@ def _save_sharded(out: Path, ctx: Context, model, optimizer, step: int, extra: d
     error = ""
     try:
         dcp.save(state, storage_writer=ShardWriter(partial, step, ctx.rank))
-    except Exception as caught:  # DCP raises the failure of any rank on every rank (CheckpointException)
-        error = f"{type(caught).__name__}: {caught}"
+    except DCP_ERRORS as caught:  # DCP raises the failure of any rank on every rank
+        error = write_failure(caught, root, state_bytes(state))
     if ctx.main:
         if error:
             shutil.rmtree(partial, ignore_errors=True)
@@ -176,6 +178,30 @@ def _save_sharded(out: Path, ctx: Context, model, optimizer, step: int, extra: d
                     shutil.rmtree(older, ignore_errors=True)
     _agree_on_failure(ctx, error, final)
     return final
+
+
+def state_bytes(*states) -> int:
+    """Bytes of the tensors (this rank's shards of sharded ones) in nested state dicts."""
+    total = 0
+    for state in states:
+        for value in state.values():
+            if isinstance(value, dict):
+                total += state_bytes(value)
+            elif isinstance(value, torch.Tensor):
+                local = value.to_local() if hasattr(value, "to_local") else value
+                total += local.numel() * local.element_size()
+    return total
+
+
+def write_failure(error: Exception, folder: Path, needed: int) -> str:
+    """What went wrong in a checkpoint write, saying so when the disk is full (torch.save and DCP report ENOSPC
+    as a zip-writer error, 'unexpected pos'); read before the partial files are removed."""
+    free = shutil.disk_usage(folder).free
+    reason = f"{type(error).__name__}: {error}".strip()
+    if free < needed:
+        reason = (f"the disk is full: {free} bytes free on the file system of {folder}, this rank writes {needed}; "
+                  f"{reason}")
+    return reason
 
 
 def _agree_on_failure(ctx: Context, error: str, path: Path) -> None:
@@ -207,7 +233,8 @@ def _from_bytes(data: bytes):
 
 class ShardWriter(FileSystemWriter):
     """DCP's file writer (files fsynced), plus the fault the tests inject: ``PYVIDFAST_FAULT=kill-in-save:STEP:RANK``
-    SIGKILLs that rank once its shards are written and before the checkpoint is complete."""
+    SIGKILLs that rank once its shards are written and before the checkpoint is complete, in the first attempt of
+    a torchrun job only (``TORCHELASTIC_RESTART_COUNT`` 0), so an elastic restart gets past it."""
 
     def __init__(self, path: Path, step: int, rank: int):
         super().__init__(path, sync_files=True)
@@ -215,7 +242,8 @@ class ShardWriter(FileSystemWriter):
 
     def write_data(self, plan, planner):
         written = super().write_data(plan, planner)
-        if os.environ.get(FAULT_ENV) == f"kill-in-save:{self.step}:{self.rank}":
+        if (os.environ.get(FAULT_ENV) == f"kill-in-save:{self.step}:{self.rank}"
+                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
             written.wait()
             os.kill(os.getpid(), signal.SIGKILL)
         return written
@@ -279,7 +307,7 @@ def _load_sharded(folder: Path, ctx: Context, model, optimizer, scheduler) -> in
     state = {"model": model_state, "optimizer": optimizer_state, "extra": b""}
     try:
         dcp.load(state, checkpoint_id=folder)
-    except Exception as error:
+    except DCP_ERRORS as error:
         raise CheckpointError(f"checkpoint: cannot load {folder} into {type(model).__name__}: "
                               f"{type(error).__name__}: {error}") from error
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
