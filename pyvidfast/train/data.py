@@ -66,7 +66,7 @@ class TrainingClips(Dataset):
     ``on_bad_sample``: a video that cannot be read (broken, truncated, missing, too short) raises naming it
     (``"fail"``) or is skipped (``"skip"``): the next video of the list that reads takes its place with the same
     seed, so every batch keeps its size on every rank (the official VideoMAE loader also retries another video),
-    and the item reports the skipped file (the loop counts and logs them)."""
+    and the item carries the skipped files as a fourth element (the loop counts and logs them)."""
 
     def __init__(self, videos: VideoDataset, stride: int,
                  shape: tuple[int, int] | Callable[[torch.Generator], tuple[int, int]], sampling: str = "dense",
@@ -94,13 +94,15 @@ class TrainingClips(Dataset):
             return self._shape
         return self._shape(torch.Generator().manual_seed(seed // SLOTS))
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int, int, list[str]]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple:
+        """``(clip, label, seed)``; after skipped videos ``(clip, label, seed, ["path: error", ...])``."""
         index, seed = item
         skipped = []
         for attempt in range(MAX_SUBSTITUTES + 1):
             current = (index + attempt) % len(self.videos)
             try:
-                return self._read(current, seed), self.videos.items[current][1], seed, skipped
+                sample = self._read(current, seed), self.videos.items[current][1], seed
+                return (*sample, skipped) if skipped else sample
             except READ_ERRORS as error:
                 path = self.videos.items[current][0]
                 if self.on_bad_sample == "fail":

@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pyvidfast.train.checkpoint import CHECKPOINT_NAME, is_sharded, load_checkpoint, resume_path, save_checkpoint
+from pyvidfast.train.checkpoint import (CHECKPOINT_NAME, is_sharded, load_checkpoint, resume_path, save_checkpoint,
+                                        state_bytes)
 from pyvidfast.train.data import Batch, StepSampler, TrainingClips, collate
 from pyvidfast.train.distributed import Context, checkpoint_activations, full_value, shard
 from pyvidfast.train.optim import make_optimizer, make_scheduler
@@ -157,6 +158,13 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def state_mb(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    """This rank's parameters, gradients and optimizer states (its shards under FSDP2), in MiB."""
+    tensors = {f"p{i}": p for i, p in enumerate(model.parameters())}
+    tensors.update({f"g{i}": p.grad for i, p in enumerate(model.parameters()) if p.grad is not None})
+    return (state_bytes(tensors) + sum(state_bytes(state) for state in optimizer.state.values())) / 2**20
+
+
 def micro_batches(loader, accum_steps: int):
     """The loader's micro-batches grouped by optimizer step."""
     group = []
@@ -245,7 +253,7 @@ def train(args, task_name: str) -> list[float]:
         record = {"step": step, "loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm), "step_s": step_s,
                   "data_s": began - waited, "clips_per_s": clips / step_s,
                   "tokens_per_s": sum(input_tokens(b, task.model) for b in batches) * ctx.world / step_s,
-                  "max_memory_mb": peak_memory_mb(ctx.device), **info}
+                  "max_memory_mb": peak_memory_mb(ctx.device), "state_mb": state_mb(task.model, optimizer), **info}
         if bad_total:
             record.update(bad_samples=bad, bad_samples_total=bad_total)
         metrics.log(record)
