@@ -17,6 +17,7 @@ import random
 import resource
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -126,17 +127,21 @@ def train_step(objective, model: torch.nn.Module, batches: Batch | list[Batch], 
 
 
 class StopRequest:
-    """SIGTERM sets it; the loop finishes the step, all ranks agree (in the step's one all-reduce), save, exit."""
+    """SIGTERM sets it; the loop finishes the step, all ranks agree (in the step's one all-reduce), save, exit.
+    Python takes signals in the main thread only: a loop run from another thread keeps the default handling."""
 
     def __init__(self):
         self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._request)
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
+            self.previous = signal.signal(signal.SIGTERM, self._request)
 
     def _request(self, signum, frame) -> None:
         self.requested = True
 
     def close(self) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        if self.installed:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def input_tokens(batch: Batch, model: torch.nn.Module) -> int:
