@@ -5,9 +5,10 @@ The model is ViT-L-shaped (VideoMAE V2 ViT-L width 1024, 16 heads, MLP 4096) wit
 the run fits a small machine. From each run's ``metrics.jsonl`` (rank 0): ``state_mb`` (the rank's parameters,
 gradients and AdamW states, its shards under FSDP2: what FSDP2 divides), ``max_memory_mb`` (CPU: the rank's peak
 resident set over the run, which includes building the whole model before sharding; CUDA: the step's peak
-allocated memory) and the median step time over the steps after the first. Activation memory is estimated as the
-peak minus the state (CPU: minus the resident set before training is not separated, so compare the AC and non-AC
-rows of one engine). Step times on a shared machine are noisy; the configurations run back to back.
+allocated memory) and the median step time over the steps after the first. On the CPU the peak resident set is
+a lifetime peak (the whole model built before sharding, the runtime, the state), so it shows activation
+checkpointing's saving only when activations dominate (many tokens per rank); on a GPU the per-step CUDA peak does.
+Step times on a shared machine are noisy; the configurations run back to back.
 
 Targets (issue 15): FSDP2 at 2 ranks holds <= 0.6x DDP's per-rank state; activation checkpointing cuts activation
 memory >= 3x at <= 1.4x step time.
