@@ -10,6 +10,8 @@
     python -m pyvidfast.train finetune --flux --list train.txt --out runs/flux_ft --model fluxvit_small_patch14 \
         --init runs/flux_pt/checkpoint.pth
     torchrun --nproc_per_node 8 -m pyvidfast.train finetune ...   # DDP: NCCL on GPUs, gloo on CPU
+    torchrun --nproc_per_node 8 -m pyvidfast.train pretrain ... --fsdp --activation-checkpointing --accum-steps 4
+    python -m pyvidfast.train export --checkpoint runs/pt --out vit_g_pt.safetensors
 
 The list file holds ``path [label]`` lines (label unused by ``pretrain``); relative paths start at its folder.
 Clip length, size and normalization come from the model's ``data_config`` (``--model-kwargs '{"num_frames": 16,
@@ -22,8 +24,8 @@ per step (flexi-sampling, see ``pyvidfast.train.tasks.fluxvit``). Each command r
 
 import argparse
 
-from pyvidfast.train import evaluate, loop
-from pyvidfast.train.data import SAMPLINGS
+from pyvidfast.train import checkpoint, evaluate, loop
+from pyvidfast.train.data import BAD_SAMPLE_POLICIES, SAMPLINGS
 
 
 def _common(parser: argparse.ArgumentParser, model: str) -> None:
@@ -68,7 +70,30 @@ def _training(parser: argparse.ArgumentParser, lr: float, weight_decay: float, b
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="data loader processes")
     parser.add_argument("--save-every", type=int, default=500, help="checkpoint every this many steps (and at the end)")
-    parser.add_argument("--resume", default="", help="checkpoint path, or 'auto' for OUT/checkpoint.pth if present")
+    parser.add_argument("--resume", default="",
+                        help="a checkpoint (.pth file or --fsdp checkpoint folder) or a run folder, or 'auto' for "
+                             "OUT's newest checkpoint if there is one")
+    parser.add_argument("--on-bad-sample", choices=BAD_SAMPLE_POLICIES, default="fail",
+                        help="a video that cannot be read: fail (the error names it) or skip (the next video of the "
+                             "list takes its place; counted in metrics.jsonl, logged on stderr)")
+    _scaling(parser)
+
+
+def _scaling(parser: argparse.ArgumentParser) -> None:
+    """Gradient accumulation, FSDP2 and activation checkpointing (docs/training.md, "Scaling")."""
+    parser.add_argument("--accum-steps", type=int, default=1,
+                        help="micro-batches per optimizer step (the global batch is split over ranks x this)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="FSDP2: parameters, gradients and optimizer states sharded over the ranks, per block "
+                             "(default: DDP); checkpoints are sharded DCP folders OUT/checkpoints/step_*")
+    parser.add_argument("--fsdp-reshard-after-forward", action="store_true",
+                        help="--fsdp: free each block's gathered parameters after its forward (less memory, one "
+                             "more all-gather per block)")
+    parser.add_argument("--fsdp-mp", choices=["bf16"], default="",
+                        help="--fsdp: bfloat16 parameters in compute, float32 gradient reduction and optimizer "
+                             "(implies --bf16 autocast for the ops between blocks)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute each block's activations in the backward pass (less memory, more compute)")
 
 
 def _flexi(parser: argparse.ArgumentParser) -> None:
@@ -150,6 +175,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  "without --frames/--size, the budget's token-optimized frames and size")
     evaluation.add_argument("--out", default="", help="folder for eval.json")
 
+    export = sub.add_parser("export", help="a training checkpoint (--fsdp folder or .pth) -> one weights file in the "
+                                           "model family's layout, loadable by create_model(pretrained=...)")
+    export.add_argument("--checkpoint", required=True, help="a checkpoint folder or file, or a run folder (newest)")
+    export.add_argument("--out", required=True, help="the .safetensors or .pth file to write")
+
     return parser.parse_args(argv)
 
 
@@ -157,6 +187,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.command == "eval":
         evaluate.evaluate(args)
+    elif args.command == "export":
+        print(f"wrote {checkpoint.export(args.checkpoint, args.out)}")
     else:
         loop.train(args, "flux_finetune" if getattr(args, "flux", False) else args.command)
 
