@@ -185,10 +185,13 @@ class BeaconDecoderLayer(Qwen2DecoderLayer):
         super().__init__(config, layer_idx)
         self.self_attn = BeaconAttention(config, layer_idx)
 
-    def forward(self, h: Tensor, past_keys: Tensor, past_values: Tensor, layout: StepLayout = None
-                ) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, h: Tensor, past_keys: Tensor | None = None, past_values: Tensor | None = None,
+                layout: StepLayout | None = None, **hf_kwargs) -> tuple[Tensor, Tensor, Tensor]:
         """``h`` ``[N, hidden]`` current rows; ``past_*`` the memory's pre-RoPE rows. Returns the new rows and
-        the pre-RoPE keys/values the memory keeps."""
+        the pre-RoPE keys/values the memory keeps. Without a ``layout``: HF's layer (``VideoXLModel`` still runs
+        as a plain ``Qwen2Model``, every row through the ordinary projections)."""
+        if layout is None:
+            return super().forward(h, **hf_kwargs)
         attn = self.self_attn
         q, k, v = attn.project(self.input_layernorm(h), layout.rows)
         keys = torch.cat([past_keys, k])[layout.key_order]
@@ -643,7 +646,7 @@ class VideoXL(Qwen2ForCausalLM):
             loss = F.cross_entropy(_at_least_float32(logits[:, :-1].reshape(-1, self.vocab_size)), targets.reshape(-1),
                                    ignore_index=-100)
         out = CausalLMOutputWithPast(loss=loss, logits=logits)
-        out.memory = result.memory
+        out.memory, out.ratios = result.memory, result.ratios
         return out
 
     def stream_tokens(self, result: Prefill, max_new_tokens: int = 128, do_sample: bool = False,
