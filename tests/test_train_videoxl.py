@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_videoxl import official_state, randomize, tiny_configs, tiny_tokenizer, write_folder
+from test_videoxl import one_thread, official_state, randomize, tiny_configs, tiny_tokenizer, write_folder  # noqa: F401
 
 from pyvidfast.models.videoxl import IMAGE_TOKEN_INDEX, VideoXL
 from pyvidfast.train.loop import read_metrics
@@ -20,14 +20,6 @@ from pyvidfast.videoxl.data import (IGNORE_INDEX, SFTSample, StrideGroupedSample
 
 TURNS = [{"from": "human", "value": "<image>\nWhat happens ?"}, {"from": "gpt", "value": "the ball"},
          {"from": "human", "value": "What ?"}, {"from": "gpt", "value": "bikes"}]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -12,25 +12,16 @@ from test_videoxl import official_state, randomize, tiny_configs, write_folder
 
 from pyvidfast.models.videoxl import IMAGE_TOKEN_INDEX, VideoXL, load_video
 from pyvidfast.videoxl import eval as vxeval
+from pyvidfast.videoxl.data import word_tokenizer
 
 LETTERS = ["A", "B", "C", "D"]
 
 
 def letter_tokenizer(path):
-    """A word-level tokenizer whose words include the option letters and the answer prefix's pieces."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["[UNK]", "<|im_start|>", "<|endoftext|>", "<|im_end|>", "system", "user", "assistant", "You", "are",
-             "a", "helpful", ".", "Best", "option", ":(", ":", ")", "Question", "Options", "What", "?", *LETTERS]
-    words += [f"w{i}" for i in range(97 - len(words))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>")
-    fast.save_pretrained(str(path))
-    return fast
+    """Words of the prompts, the option letters and the answer prefix's pieces; 97 entries (the tiny vocab)."""
+    words = ["system", "user", "assistant", "You", "are", "a", "helpful", ".", "Best", "option", ":(", ":", ")",
+             "Question", "Options", "What", "?", *LETTERS]
+    return word_tokenizer(words + [f"w{i}" for i in range(97 - 4 - len(words))], path)
 
 
 @pytest.fixture(scope="module")

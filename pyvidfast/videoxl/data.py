@@ -33,6 +33,25 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 DEFAULT_GRID_PINPOINTS = "(1x1),...,(7x7)"
 
 
+def word_tokenizer(words: Sequence[str], path: str | Path | None = None):
+    """A word-level HF tokenizer over ``words`` (split on whitespace and punctuation runs) with ChatML's markers
+    as special tokens (``<|im_end|>`` = eos): for small models trained on a task's own vocabulary. Saved to
+    ``path`` when given (a checkpoint folder's tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[UNK]", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = list(dict.fromkeys([*specials, *words]))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(specials[1:])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    if path is not None:
+        fast.save_pretrained(str(path))
+    return fast
+
+
 def read_samples(path: str | Path) -> list[dict]:
     """The samples of a JSON list or JSON-lines file, checked: each has ``conversations`` with human/gpt turns,
     starting with a human turn, and at most one of ``video``/``image``."""
