@@ -9,7 +9,7 @@ inserts its needle image). Haystack lengths n have n + 1 a multiple of 4 (see
 ratios than it saw, and once more with the VST memory removed (the text then sees nothing of the video, so
 accuracy must fall to chance).
 
-    python -m bench.videoxl_needle [--steps 1500] [--out bench/results]    # JSON + PNG heat map
+    python -m bench.videoxl_needle [--steps 700] [--out bench/results]    # JSON + PNG heat map
 
 Results: ``bench/results/videoxl_needle.json`` (accuracy per depth x length x ratio, chance, the no-memory
 ablation, training curve, CPU) and ``videoxl_needle.png``.
@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from transformers import CLIPVisionConfig
 
-from pyvidfast.models.videoxl import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN_INDEX, VideoXL, load_video, qwen2_7b_config
+from pyvidfast.models.videoxl import CLIP_MEAN, CLIP_STD, VideoXL, load_video, qwen2_7b_config
 from pyvidfast.train.tasks.videoxl import sft_loss
 from pyvidfast.videoxl.data import SFTSample, encode_conversation, word_tokenizer
 
@@ -104,7 +104,7 @@ def haystack_length(low: int, high: int, generator: torch.Generator) -> int:
 
 
 def train(model: VideoXL, pool: torch.Tensor, tokenizer, steps: int, batch: int = 8,
-          lengths: Sequence[int] = (3, 47), ratios: Sequence[int] = (2, 4, 8), lr: float = 3e-3, seed: int = 0,
+          lengths: Sequence[int] = (3, 23), ratios: Sequence[int] = (2, 4, 8), lr: float = 3e-3, seed: int = 0,
           log_every: int = 0, grow: float = 0.5) -> list[float]:
     """AdamW on the ``videoxl-sft`` loss (every parameter trained, CLIP included), depths and colours uniform,
     haystack lengths in ``[lengths[0], L]`` with L growing from ``lengths[0] + 4`` to ``lengths[1]`` over the first
@@ -191,12 +191,12 @@ def main(argv=None) -> dict:
     from pyvidfast import samples as sample_clips
 
     p = argparse.ArgumentParser(prog="python -m bench.videoxl_needle", description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--train-lengths", type=int, nargs=2, default=[3, 47], help="haystack frames drawn in training")
-    p.add_argument("--lengths", type=int, nargs="+", default=[47, 95, 191],
-                   help="evaluated haystack frames (+1 needle frame: 48, 96, 192)")
+    p.add_argument("--train-lengths", type=int, nargs=2, default=[3, 23], help="haystack frames drawn in training")
+    p.add_argument("--lengths", type=int, nargs="+", default=[23, 47, 95],
+                   help="evaluated haystack frames (+1 needle frame: 24, 48, 96)")
     p.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8, 16], help="evaluated compression ratios")
     p.add_argument("--samples", type=int, default=32, help="haystacks per cell")
     p.add_argument("--threads", type=int, default=1)

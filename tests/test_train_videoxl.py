@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from test_videoxl import one_thread, official_state, randomize, tiny_configs, tiny_tokenizer, write_folder  # noqa: F401
 
 from pyvidfast.models.videoxl import IMAGE_TOKEN_INDEX, VideoXL

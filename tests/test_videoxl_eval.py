@@ -2,7 +2,6 @@
 needle image written by the test, and the multiple-choice runner on tiny fixtures in the Video-MME and MLVU
 layouts; a tiny random model (its replies checked against each question run alone)."""
 
-import copy
 import json
 
 import numpy as np
