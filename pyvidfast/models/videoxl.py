@@ -20,14 +20,15 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2Model, Qwen2RotaryEmbedding, rotate_half
+from transformers.models.qwen2.modeling_qwen2 import (Qwen2Attention, Qwen2DecoderLayer, Qwen2Model,
+                                                      Qwen2RotaryEmbedding, rotate_half)
 
 from pyvidfast.models.registry import register_model
 from pyvidfast.ops import varlen_attention
@@ -155,6 +156,55 @@ class BeaconAttention(Qwen2Attention):
                 v.view(len(x), -1, self.head_dim))
 
 
+@dataclass
+class StepLayout:
+    """What every layer of one step shares: the VST rows, where each key goes, which keys stay, RoPE tables and
+    the packed lengths of the queries and keys."""
+
+    rows: "RowSplit | None"
+    key_order: Tensor  # cat([memory rows, current rows])[key_order]: each sample's memory, then its current rows
+    keep_rows: Tensor  # the rows of the ordered keys the memory keeps after the step
+    cos_q: Tensor
+    sin_q: Tensor
+    cos_k: Tensor
+    sin_k: Tensor
+    cu_q: Tensor
+    cu_k: Tensor
+    max_q: int
+    max_k: int
+
+
+class BeaconDecoderLayer(Qwen2DecoderLayer):
+    """HF's Qwen2 decoder layer (its norms and MLP) with :class:`BeaconAttention`, run over one packed step.
+
+    A module call per layer, so FSDP's hooks and HF's activation checkpointing (``gradient_checkpointing_enable``,
+    which wraps ``forward``) apply; ``forward`` is pure (the caller stores the kept keys/values), so a recompute
+    gives the same result."""
+
+    def __init__(self, config: Qwen2Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = BeaconAttention(config, layer_idx)
+
+    def forward(self, h: Tensor, past_keys: Tensor | None = None, past_values: Tensor | None = None,
+                layout: StepLayout | None = None, **hf_kwargs) -> tuple[Tensor, Tensor, Tensor]:
+        """``h`` ``[N, hidden]`` current rows; ``past_*`` the memory's pre-RoPE rows. Returns the new rows and
+        the pre-RoPE keys/values the memory keeps. Without a ``layout``: HF's layer (``VideoXLModel`` still runs
+        as a plain ``Qwen2Model``, every row through the ordinary projections)."""
+        if layout is None:
+            return super().forward(h, **hf_kwargs)
+        attn = self.self_attn
+        q, k, v = attn.project(self.input_layernorm(h), layout.rows)
+        keys = torch.cat([past_keys, k])[layout.key_order]
+        values = torch.cat([past_values, v])[layout.key_order]
+        q = q * layout.cos_q + rotate_half(q) * layout.sin_q
+        rotated = keys * layout.cos_k + rotate_half(keys) * layout.sin_k
+        out = varlen_attention(q, rotated, values, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k,
+                               softmax_scale=attn.scaling, causal=True)
+        h = h + attn.o_proj(out.reshape(len(h), -1))
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, keys[layout.keep_rows], values[layout.keep_rows]
+
+
 class CLIPTower(nn.Module):
     """The official ``CLIPVisionTower``: HF ``CLIPVisionModel`` (as ``vision_tower``), hidden states of the select
     layer, patch tokens only (CLS dropped)."""
@@ -211,6 +261,17 @@ class Memory:
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in zip(self.keys, self.values))
 
+    def drop_vsts(self) -> None:
+        """Removes every sample's VST pool (what the text would see of the video), keeping sink and text rows."""
+        keep, start = [], 0
+        for s, v, t in zip(self.sink, self.vst, self.text):
+            keep += [torch.arange(start, start + s), torch.arange(start + s + v, start + s + v + t)]
+            start += s + v + t
+        keep = torch.cat(keep).to(self.keys[0].device)
+        self.keys = [k[keep] for k in self.keys]
+        self.values = [v[keep] for v in self.values]
+        self.vst = [0] * len(self.vst)
+
     def sample(self, b: int, layer: int) -> tuple[Tensor, Tensor]:
         """Sample ``b``'s kept keys and values at ``layer``."""
         start = sum(self.lengths[:b])
@@ -240,8 +301,8 @@ class VideoXLModel(Qwen2Model):
     def __init__(self, config: Qwen2Config, vision_config: CLIPVisionConfig):
         super().__init__(config)
         settings = BeaconSettings.from_config(config)
-        for i, layer in enumerate(self.layers):
-            layer.self_attn = BeaconAttention(config, i)
+        for i in range(len(self.layers)):  # one at a time: at most one extra layer in memory
+            self.layers[i] = BeaconDecoderLayer(config, i)
         self.beacon_embed_tokens = nn.Embedding(1, config.hidden_size)
         self.vision_tower = CLIPTower(vision_config, settings.select_layer)
         mm_hidden = getattr(config, "mm_hidden_size", vision_config.hidden_size)
@@ -285,6 +346,11 @@ class VideoXL(Qwen2ForCausalLM):
         embedding copies the eos row of the token embedding."""
         state = self.state_dict()
         self.load_state_dict(init_beacon_state(state, self.config, beacon_names(self.config)), strict=True)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules to shard one by one for FSDP (the training loop's ``--fsdp``): each decoder layer and the
+        vision tower; the rest (embeddings, norm, head, projector) goes with the root."""
+        return [*self.model.layers, self.model.vision_tower]
 
     @property
     def tokens_per_frame(self) -> int:
@@ -357,20 +423,11 @@ class VideoXL(Qwen2ForCausalLM):
         cos_q, sin_q = self.model.rotary_emb(embeds, cur_keys[None])
         cos_q, sin_q = cos_q[0, :, None], sin_q[0, :, None]
         rows = RowSplit.from_mask(is_vst) if is_vst is not None else None
+        layout = StepLayout(rows, key_order, keep_rows, cos_q, sin_q, cos_k, sin_k, cu_q, cu_k, max_q, max_k)
 
         h = embeds
         for i, layer in enumerate(self.model.layers):
-            attn = layer.self_attn
-            q, k, v = attn.project(layer.input_layernorm(h), rows)
-            keys = torch.cat([memory.keys[i], k])[key_order]
-            values = torch.cat([memory.values[i], v])[key_order]
-            q = q * cos_q + rotate_half(q) * sin_q
-            rotated = keys * cos_k + rotate_half(keys) * sin_k
-            out = varlen_attention(q, rotated, values, cu_q, cu_k, max_q, max_k, softmax_scale=attn.scaling,
-                                   causal=True)
-            h = h + attn.o_proj(out.reshape(len(h), -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-            memory.keys[i], memory.values[i] = keys[keep_rows], values[keep_rows]
+            h, memory.keys[i], memory.values[i] = layer(h, memory.keys[i], memory.values[i], layout=layout)
         pool_sizes = getattr(memory, pool)
         for b, n in enumerate(kept):
             pool_sizes[b] += n
@@ -391,13 +448,18 @@ class VideoXL(Qwen2ForCausalLM):
 
     def prefill(self, prompts: Sequence[Tensor], videos: Sequence[Tensor | None] | None = None,
                 features: Sequence[Tensor | None] | None = None, ratio: int | Sequence[int] | None = None,
-                generator: torch.Generator | None = None, progress=None) -> Prefill:
+                generator: torch.Generator | None = None, progress=None, compress: bool = True,
+                keep_vsts: bool = True) -> Prefill:
         """Runs prompts (1-D id tensors, ``IMAGE_TOKEN_INDEX`` once where a video goes) with their videos.
 
         ``videos[b]``: preprocessed frames ``[F, 3, S, S]`` (or None for a text-only prompt); or ``features[b]``:
         visual tokens ``[F * tokens_per_frame, hidden]`` already encoded. ``ratio``: a fixed compression ratio,
         or ratios to draw from per window (default: ``config.beacon_ratio``) with ``generator`` (default: one
-        seeded 42 per call). ``progress``: a callable given the number of visual tokens each window step read."""
+        seeded 42 per call). ``progress``: a callable given the number of visual tokens each window step read.
+
+        ``compress=False``: the plain LLaVA path of the official stage-1 pretraining (no VSTs; every visual token
+        stays visible to the text, in one step). ``keep_vsts=False``: the VST pool is removed before the text
+        after the video (an ablation: the text then sees nothing of the video)."""
         check_ratios((ratio,) if isinstance(ratio, int) else tuple(ratio or self.settings.ratios),
                      self.settings.window)
         batch = len(prompts)
@@ -446,6 +508,8 @@ class VideoXL(Qwen2ForCausalLM):
         # Window steps: window k of every video that has one, packed.
         remainders = [0] * batch
         ratios_used: list[list[int]] = [[] for _ in range(batch)]
+        # uncompressed: the whole video is one "window" without VSTs whose raw rows stay in the raw pool
+        window = window if compress else max((len(f) for f in features if f is not None), default=1)
         num_windows = [math.ceil(len(f) / window) if f is not None else 0 for f in features]
         beacon = self.model.beacon_embed_tokens.weight
         for k in range(max(num_windows, default=0)):
@@ -457,9 +521,12 @@ class VideoXL(Qwen2ForCausalLM):
                         lengths.append(0)
                         continue
                     part = feats[k * window:(k + 1) * window]
-                    r = self._draw_ratio(len(part), ratio, generator)
-                    ratios_used[b].append(r)
-                    is_vst, remainders[b] = interleave_layout(len(part), r, remainders[b])
+                    if compress:
+                        r = self._draw_ratio(len(part), ratio, generator)
+                        ratios_used[b].append(r)
+                        is_vst, remainders[b] = interleave_layout(len(part), r, remainders[b])
+                    else:
+                        is_vst = torch.zeros(len(part), dtype=torch.bool)
                     raw_parts.append(part.to(ref.device, ref.dtype))
                     masks.append(is_vst)
                     lengths.append(len(is_vst))
@@ -473,12 +540,17 @@ class VideoXL(Qwen2ForCausalLM):
                     embeds = raw
                 else:
                     embeds = torch.cat([raw, beacon.expand(len(rows.vst), -1)])[rows.order]
-                hidden = self._step(memory, embeds, lengths, is_vst, is_vst, "vst")
+                if compress:
+                    hidden = self._step(memory, embeds, lengths, is_vst, is_vst, "vst")
+                else:
+                    hidden = self._step(memory, embeds, lengths, None, None, "text")
                 for b, row in last_raw.items():
                     logits[b].append(self.lm_head(hidden[row][None]))
                 if progress is not None:
                     progress(sum(len(p) for p in raw_parts))
 
+        if not keep_vsts:
+            memory.drop_vsts()
         # The text after each video: sink + every VST + itself.
         if any(len(s) for s in suffix):
             with nvtx_range("videoxl.text_prefill"):
@@ -543,13 +615,17 @@ class VideoXL(Qwen2ForCausalLM):
         return prompts, images
 
     def forward(self, input_ids=None, images=None, modalities=None, attention_mask=None, labels=None,
-                beacon_skip_first=None, beacon_skip_last=None, ratio=None, generator=None, **unused):
+                beacon_skip_first=None, beacon_skip_last=None, ratio=None, generator=None, compress=True,
+                keep_vsts=True, **unused):
         """Logits for every input position (``[B, L, V]``, zeros at padding; the video's row holds the logits
         after its last raw token) and, with ``labels`` (aligned with ``input_ids``, -100 ignored), the mean
-        next-token loss. The placeholder carries no label; VST rows never have logits."""
+        next-token loss (summed over the labelled tokens of the batch, divided by their count, as the official
+        loss). The placeholder carries no label; VST rows never have logits. ``compress``, ``keep_vsts``: see
+        :meth:`prefill`."""
         prompts, videos = self._split_batch(input_ids, attention_mask, images, modalities, beacon_skip_first,
                                             beacon_skip_last)
-        result = self.prefill(prompts, videos, ratio=ratio, generator=generator)
+        result = self.prefill(prompts, videos, ratio=ratio, generator=generator, compress=compress,
+                              keep_vsts=keep_vsts)
         width = input_ids.shape[-1] if isinstance(input_ids, Tensor) else max(len(p) for p in prompts)
         logits = result.logits[0].new_zeros(len(prompts), width, self.vocab_size)
         for b, row in enumerate(result.logits):
@@ -570,7 +646,7 @@ class VideoXL(Qwen2ForCausalLM):
             loss = F.cross_entropy(_at_least_float32(logits[:, :-1].reshape(-1, self.vocab_size)), targets.reshape(-1),
                                    ignore_index=-100)
         out = CausalLMOutputWithPast(loss=loss, logits=logits)
-        out.memory = result.memory
+        out.memory, out.ratios = result.memory, result.ratios
         return out
 
     def stream_tokens(self, result: Prefill, max_new_tokens: int = 128, do_sample: bool = False,
@@ -781,18 +857,24 @@ def chat_input_ids(tokenizer, prompt: str, system: str = "You are a helpful assi
 
 
 def load_video(path: str | os.PathLike, size: int = 336, frames: int | None = None, max_frames: int = 1024,
-               fps: float = 1.0, chunk: int = 32, progress=None) -> Tensor:
+               fps: float = 1.0, chunk: int = 32, progress=None,
+               indices: Callable[[int, float], list[int]] | None = None) -> Tensor:
     """Frames of a video file as CLIP expects them: ``frames`` spread uniformly (or ``fps`` per second, capped
     at ``max_frames``), shortest side resized to ``size`` (antialiased bilinear), center-cropped to
     ``size x size``, normalized with CLIP's mean and std: float32 ``[F, 3, size, size]``.
 
-    Decodes ``chunk`` frames at a time; ``progress``: a callable given the number decoded each time."""
+    Decodes ``chunk`` frames at a time; ``progress``: a callable given the number decoded each time.
+    ``indices(num_frames, average_fps) -> frame indices``: another frame choice (the training scripts' one)."""
     from pyvidfast.io import VideoReader, sampling
 
     with VideoReader(path) as reader:
         meta = reader.metadata
-        indices = (sampling.uniform(len(reader), frames) if frames is not None
-                   else sampling.per_second(reader.timestamps(), fps=fps, max_frames=max_frames))
+        if indices is not None:
+            indices = indices(len(reader), meta.fps)
+        elif frames is not None:
+            indices = sampling.uniform(len(reader), frames)
+        else:
+            indices = sampling.per_second(reader.timestamps(), fps=fps, max_frames=max_frames)
         scale = size / min(meta.height, meta.width)
         height, width = max(size, round(meta.height * scale)), max(size, round(meta.width * scale))
         top, left = (height - size) // 2, (width - size) // 2

@@ -26,6 +26,7 @@ import argparse
 
 from pyvidfast.train import checkpoint, evaluate, loop
 from pyvidfast.train.data import BAD_SAMPLE_POLICIES, SAMPLINGS
+from pyvidfast.train.tasks import videoxl
 
 
 def _common(parser: argparse.ArgumentParser, model: str) -> None:
@@ -154,6 +155,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     distill.add_argument("--teacher-budget", type=int, default=1568, help="teacher tokens kept (fixed compute)")
     distill.add_argument("--student-layers", type=int, nargs="+", default=[5, 7, 9, 11])
     distill.add_argument("--teacher-layers", type=int, nargs="+", default=[5, 7, 9, 11])
+
+    videoxl.add_parser(sub, _training)
 
     evaluation = sub.add_parser("eval", help="multi-view evaluation: top-1/top-5 of the softmax summed over views")
     _common(evaluation, "videomae_vit_base_patch16_224")

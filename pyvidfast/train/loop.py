@@ -226,9 +226,16 @@ def train(args, task_name: str) -> list[float]:
             print(f"resume: {resume} (step {start})", flush=True)
 
     stop = min(args.stop_at or args.steps, args.steps)
-    sampler = StepSampler(len(task.dataset), args.batch_size, ctx.rank, ctx.world, args.seed, start, stop, accum)
+    # A task may choose its batches (Video-XL: grouped by window count) and keep samples of different lengths apart.
+    make_sampler = getattr(task, "batch_sampler", None)
+    if make_sampler is not None and accum > 1:
+        raise ValueError(f"accum_steps: the {task_name} task draws its own batches (grouped by length) and takes no "
+                         f"gradient accumulation yet; got --accum-steps {accum}")
+    sampler = (make_sampler(args.batch_size, ctx.rank, ctx.world, args.seed, start, stop) if make_sampler else
+               StepSampler(len(task.dataset), args.batch_size, ctx.rank, ctx.world, args.seed, start, stop, accum))
     # A dedicated generator: the loader must not draw from the global RNG, which the checkpoint restores.
-    loader = DataLoader(task.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.workers,
+    loader = DataLoader(task.dataset, batch_sampler=sampler, collate_fn=getattr(task, "collate", collate),
+                        num_workers=args.workers,
                         generator=torch.Generator().manual_seed(args.seed), persistent_workers=False)
     metrics = MetricsLog(out, ctx.main)
     stop_request = StopRequest()
