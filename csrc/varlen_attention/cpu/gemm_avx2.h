@@ -123,26 +123,37 @@ void micro_tile(int64_t k, const float* a, int64_t a_row, int64_t a_col, const f
   }
 }
 
+// micro_tile for rows = 1 .. kMicroRows chosen at run time.
+inline void micro_tile_rows(int rows, int64_t k, const float* a, int64_t a_row, int64_t a_col, const float* panel,
+                            float alpha, bool accumulate, float* c, int64_t ldc, int64_t cols) {
+  switch (rows) {
+    case 6: micro_tile<6>(k, a, a_row, a_col, panel, alpha, accumulate, c, ldc, cols); break;
+    case 5: micro_tile<5>(k, a, a_row, a_col, panel, alpha, accumulate, c, ldc, cols); break;
+    case 4: micro_tile<4>(k, a, a_row, a_col, panel, alpha, accumulate, c, ldc, cols); break;
+    case 3: micro_tile<3>(k, a, a_row, a_col, panel, alpha, accumulate, c, ldc, cols); break;
+    case 2: micro_tile<2>(k, a, a_row, a_col, panel, alpha, accumulate, c, ldc, cols); break;
+    default: micro_tile<1>(k, a, a_row, a_col, panel, alpha, accumulate, c, ldc, cols); break;
+  }
+}
+
 // C[m, n] = alpha op(A) B (+ C where accumulate) for B [k, n] already in `panels` (pack_panels), op(A) read
-// through the strides of a row-major A (lda) or of its transpose.
+// through the strides of a row-major A (lda) or of its transpose. panel_outer: each panel meets every row block
+// before the next panel is read (for a few rows of A against many panels, as the forward's score strips: a panel
+// then comes from L2 once, not once per row block); else each row block meets every panel.
 inline void gemm_panels(bool trans_a, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                        const float* panels, bool accumulate, float* c, int64_t ldc) {
+                        const float* panels, bool accumulate, float* c, int64_t ldc, bool panel_outer = false) {
   const int64_t a_row = trans_a ? 1 : lda, a_col = trans_a ? lda : 1;
-  for (int64_t i0 = 0; i0 < m; i0 += kMicroRows) {
-    const float* ai = a + i0 * a_row;
-    float* ci = c + i0 * ldc;
-    const int rows = int(std::min<int64_t>(kMicroRows, m - i0));
+  const auto tile = [&](int64_t i0, int64_t j0) {
+    micro_tile_rows(int(std::min<int64_t>(kMicroRows, m - i0)), k, a + i0 * a_row, a_row, a_col, panels + j0 * k,
+                    alpha, accumulate, c + i0 * ldc + j0, ldc, std::min<int64_t>(kPanel, n - j0));
+  };
+  if (panel_outer) {
     for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
-      const float* panel = panels + j0 * k;
-      const int64_t cols = std::min<int64_t>(kPanel, n - j0);
-      switch (rows) {
-        case 6: micro_tile<6>(k, ai, a_row, a_col, panel, alpha, accumulate, ci + j0, ldc, cols); break;
-        case 5: micro_tile<5>(k, ai, a_row, a_col, panel, alpha, accumulate, ci + j0, ldc, cols); break;
-        case 4: micro_tile<4>(k, ai, a_row, a_col, panel, alpha, accumulate, ci + j0, ldc, cols); break;
-        case 3: micro_tile<3>(k, ai, a_row, a_col, panel, alpha, accumulate, ci + j0, ldc, cols); break;
-        case 2: micro_tile<2>(k, ai, a_row, a_col, panel, alpha, accumulate, ci + j0, ldc, cols); break;
-        default: micro_tile<1>(k, ai, a_row, a_col, panel, alpha, accumulate, ci + j0, ldc, cols); break;
-      }
+      for (int64_t i0 = 0; i0 < m; i0 += kMicroRows) tile(i0, j0);
+    }
+  } else {
+    for (int64_t i0 = 0; i0 < m; i0 += kMicroRows) {
+      for (int64_t j0 = 0; j0 < n; j0 += kPanel) tile(i0, j0);
     }
   }
 }

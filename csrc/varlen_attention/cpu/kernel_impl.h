@@ -191,7 +191,7 @@ void score_tile(const Params& p, const SeqBounds& s, int64_t i0, int64_t kb, int
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
     if (k_panels != nullptr) {
-      gemm_panels(false, rows, n, d, scale, qt.data, qt.ld, k_panels, false, scores, kBlockK);
+      gemm_panels(false, rows, n, d, scale, qt.data, qt.ld, k_panels, false, scores, kBlockK, true);
       done = true;
     }
   }
