@@ -1,6 +1,6 @@
 """UniFormerV2-B/16 (Kinetics and SSv2 configurations): ours against the official forward written plainly
-(``nn.MultiheadAttention`` in the LND layout, as the official code; the re-derivation in tests/test_uniformerv2.py,
-on the same weights) and against VideoMAE V2 ViT-B, on the same clips of the real sample videos.
+(``nn.MultiheadAttention`` in the LND layout, as the official code; the re-derivation in
+tests/reference_uniformerv2.py, on the same weights) and against VideoMAE V2 ViT-B, on the same clips of the real sample videos.
 
 For each configuration x frames x batch x mode (``forward``: inference under no_grad in eval mode; ``train``:
 forward + cross-entropy + backward in train mode, drop path 0), the three models run back to back in each round, so
@@ -15,8 +15,10 @@ full matrix (8 and 16 frames, batch 1 and 8). ``VIDFAST_NVTX=1`` adds the models
 """
 
 import argparse
+import importlib.util
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +28,18 @@ from bench.model import PeakMemory, load_batch
 from pyvidfast import samples
 from pyvidfast.models import create_model
 from pyvidfast.models.layers import normalize_video
-from tests.test_uniformerv2 import RefUniFormerV2
 
+
+def load_reference():
+    """tests/reference_uniformerv2.py, loaded by its path (tests/ is no package)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "reference_uniformerv2.py"
+    spec = importlib.util.spec_from_file_location("reference_uniformerv2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RefUniFormerV2 = load_reference().RefUniFormerV2
 CONFIGS = {"kinetics": "uniformerv2_base_patch16_224", "ssv2": "uniformerv2_base_patch16_224_ssv2"}
 
 

@@ -183,7 +183,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   if constexpr (is_float) {
     if (selected_path() == Path::kAvx2) {
       gemm_packed(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta != T(0), c, ldc,
-                  scratch<T>(1, ceil_div(n, kPanel) * kPanel * k));
+                  scratch<T>(1, panel_floats(k, n)));
       return;
     }
   }

@@ -2,9 +2,11 @@
 // The float32 GEMM of the AVX2 path: C [m, n] = alpha op(A) op(B) (+ C), for the tile products of attention (k and
 // n are at most a few hundred). The register-blocked micro-kernel of BLIS / GotoBLAS: 6 rows x 16 columns of C
 // live in 12 AVX registers; each step of the inner dimension broadcasts 6 values of A, loads 16 of B and issues 12
-// FMAs. B is first packed into panels of 16 columns (zero-padded past n, so every load is whole); A is read in place
-// through a row and a column stride, so a transposed A (dV += P^T dO, dK += dS^T Q) costs nothing. Only the AVX2
-// build includes this file (gemm.h).
+// FMAs. B is first packed into panels of 16 columns (zero-padded past n, so every load is whole; 16-bit B is widened
+// to float32 while it is packed); A is read in place through a row and a column stride, so a transposed A
+// (dV += P^T dO, dK += dS^T Q) costs nothing. Only the AVX2 build includes this file (gemm.h).
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -15,10 +17,20 @@ namespace vidfast::attention::cpu::CPU_CAPABILITY {
 constexpr int kMicroRows = 6;
 constexpr int kPanel = 16;  // columns of a packed B panel and of a micro-tile
 
-// out[x][j] = in[j][x] for an 8 x 8 block (rows `ld_in` / `ld_out` floats apart).
-inline void transpose_8x8(const float* in, int64_t ld_in, float* out, int64_t ld_out) {
+// 8 consecutive values as float32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  // A bfloat16 is the upper half of a float32.
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// out[x][j] = in[j][x] for an 8 x 8 block (rows `ld_in` elements / `ld_out` floats apart).
+template <typename T>
+void transpose_8x8(const T* in, int64_t ld_in, float* out, int64_t ld_out) {
   __m256 r[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * ld_in);
+  for (int i = 0; i < 8; ++i) r[i] = load8(in + i * ld_in);
   __m256 t[8];
   for (int i = 0; i < 8; i += 2) {
     t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
@@ -39,24 +51,25 @@ inline void transpose_8x8(const float* in, int64_t ld_in, float* out, int64_t ld
 
 // op(B) [k, n] as ceil(n / 16) panels of k x 16 floats: panel p holds columns 16p .. 16p + 15, zeros past n.
 // trans_b: B is stored as its transpose [n, k] (row stride ldb), as K is for S = Q K^T.
-inline void pack_panels(bool trans_b, int64_t k, int64_t n, const float* b, int64_t ldb, float* out) {
+template <typename T>
+void pack_panels(bool trans_b, int64_t k, int64_t n, const T* b, int64_t ldb, float* out) {
   for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
     float* panel = out + j0 * k;
     const int64_t cols = std::min<int64_t>(kPanel, n - j0);
     if (!trans_b) {
       for (int64_t x = 0; x < k; ++x) {
-        const float* src = b + x * ldb + j0;
+        const T* src = b + x * ldb + j0;
         float* dst = panel + x * kPanel;
         if (cols == kPanel) {
-          _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
-          _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(src + 8));
+          _mm256_storeu_ps(dst, load8(src));
+          _mm256_storeu_ps(dst + 8, load8(src + 8));
         } else {
-          for (int64_t j = 0; j < kPanel; ++j) dst[j] = j < cols ? src[j] : 0.0f;
+          for (int64_t j = 0; j < kPanel; ++j) dst[j] = j < cols ? float(src[j]) : 0.0f;
         }
       }
       continue;
     }
-    const float* src = b + j0 * ldb;
+    const T* src = b + j0 * ldb;
     int64_t x = 0;
     if (cols == kPanel) {
       for (; x + 8 <= k; x += 8) {
@@ -66,7 +79,7 @@ inline void pack_panels(bool trans_b, int64_t k, int64_t n, const float* b, int6
     }
     for (; x < k; ++x) {
       float* dst = panel + x * kPanel;
-      for (int64_t j = 0; j < kPanel; ++j) dst[j] = j < cols ? src[j * ldb + x] : 0.0f;
+      for (int64_t j = 0; j < kPanel; ++j) dst[j] = j < cols ? float(src[j * ldb + x]) : 0.0f;
     }
   }
 }
@@ -110,29 +123,50 @@ void micro_tile(int64_t k, const float* a, int64_t a_row, int64_t a_col, const f
   }
 }
 
-// C[m, n] = alpha op(A) op(B) (+ C where accumulate), B packed into `panels` (ceil(n / 16) * 16 * k floats).
+// micro_tile for rows = 1 .. kMicroRows chosen at run time.
+inline void micro_tile_rows(int rows, int64_t k, const float* a, int64_t a_row, int64_t a_col, const float* panel,
+                            float alpha, bool accumulate, float* c, int64_t ldc, int64_t cols) {
+  switch (rows) {
+    case 6: micro_tile<6>(k, a, a_row, a_col, panel, alpha, accumulate, c, ldc, cols); break;
+    case 5: micro_tile<5>(k, a, a_row, a_col, panel, alpha, accumulate, c, ldc, cols); break;
+    case 4: micro_tile<4>(k, a, a_row, a_col, panel, alpha, accumulate, c, ldc, cols); break;
+    case 3: micro_tile<3>(k, a, a_row, a_col, panel, alpha, accumulate, c, ldc, cols); break;
+    case 2: micro_tile<2>(k, a, a_row, a_col, panel, alpha, accumulate, c, ldc, cols); break;
+    default: micro_tile<1>(k, a, a_row, a_col, panel, alpha, accumulate, c, ldc, cols); break;
+  }
+}
+
+// C[m, n] = alpha op(A) B (+ C where accumulate) for B [k, n] already in `panels` (pack_panels), op(A) read
+// through the strides of a row-major A (lda) or of its transpose. panel_outer: each panel meets every row block
+// before the next panel is read (for a few rows of A against many panels, as the forward's score strips: a panel
+// then comes from L2 once, not once per row block); else each row block meets every panel.
+inline void gemm_panels(bool trans_a, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                        const float* panels, bool accumulate, float* c, int64_t ldc, bool panel_outer = false) {
+  const int64_t a_row = trans_a ? 1 : lda, a_col = trans_a ? lda : 1;
+  const auto tile = [&](int64_t i0, int64_t j0) {
+    micro_tile_rows(int(std::min<int64_t>(kMicroRows, m - i0)), k, a + i0 * a_row, a_row, a_col, panels + j0 * k,
+                    alpha, accumulate, c + i0 * ldc + j0, ldc, std::min<int64_t>(kPanel, n - j0));
+  };
+  if (panel_outer) {
+    for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+      for (int64_t i0 = 0; i0 < m; i0 += kMicroRows) tile(i0, j0);
+    }
+  } else {
+    for (int64_t i0 = 0; i0 < m; i0 += kMicroRows) {
+      for (int64_t j0 = 0; j0 < n; j0 += kPanel) tile(i0, j0);
+    }
+  }
+}
+
+// The floats `panels` needs for op(B) [k, n].
+inline int64_t panel_floats(int64_t k, int64_t n) { return (n + kPanel - 1) / kPanel * kPanel * k; }
+
+// C[m, n] = alpha op(A) op(B) (+ C where accumulate), B packed into `panels` (panel_floats(k, n) floats) first.
 inline void gemm_packed(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                         int64_t lda, const float* b, int64_t ldb, bool accumulate, float* c, int64_t ldc,
                         float* panels) {
   pack_panels(trans_b, k, n, b, ldb, panels);
-  const int64_t a_row = trans_a ? 1 : lda, a_col = trans_a ? lda : 1;
-  for (int64_t i0 = 0; i0 < m; i0 += kMicroRows) {
-    const float* ai = a + i0 * a_row;
-    float* ci = c + i0 * ldc;
-    const int rows = int(std::min<int64_t>(kMicroRows, m - i0));
-    for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
-      const float* panel = panels + j0 * k;
-      const int64_t cols = std::min<int64_t>(kPanel, n - j0);
-      switch (rows) {
-        case 6: micro_tile<6>(k, ai, a_row, a_col, panel, alpha, accumulate, ci + j0, ldc, cols); break;
-        case 5: micro_tile<5>(k, ai, a_row, a_col, panel, alpha, accumulate, ci + j0, ldc, cols); break;
-        case 4: micro_tile<4>(k, ai, a_row, a_col, panel, alpha, accumulate, ci + j0, ldc, cols); break;
-        case 3: micro_tile<3>(k, ai, a_row, a_col, panel, alpha, accumulate, ci + j0, ldc, cols); break;
-        case 2: micro_tile<2>(k, ai, a_row, a_col, panel, alpha, accumulate, ci + j0, ldc, cols); break;
-        default: micro_tile<1>(k, ai, a_row, a_col, panel, alpha, accumulate, ci + j0, ldc, cols); break;
-      }
-    }
-  }
+  gemm_panels(trans_a, m, n, k, alpha, a, lda, panels, accumulate, c, ldc);
 }
 
 }  // namespace vidfast::attention::cpu::CPU_CAPABILITY

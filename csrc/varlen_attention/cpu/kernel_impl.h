@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -161,23 +162,48 @@ SeqBounds bounds(const int32_t* cu_q, const int32_t* cu_k, int64_t b) {
   return {cu_q[b], int64_t(cu_q[b + 1]) - cu_q[b], cu_k[b], int64_t(cu_k[b + 1]) - cu_k[b]};
 }
 
+// Whether the forward pass packs each key block's K^T and V once into the float32 panels of the AVX2 micro-kernel
+// (gemm_avx2.h; 16-bit inputs widened on the way) and runs query rows through them in strips of kStripRows: a
+// strip's scores then stay in L1 from Q K^T through the softmax to P V, where a whole [kBlockQ, kBlockK] tile of
+// them (512 KiB) would fill a Zen 3 core's L2 and evict the K and V panels.
+template <typename acc_t>
+bool use_panels() {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) return selected_path() == Path::kAvx2;
+#endif
+  return false;
+}
+
+constexpr int64_t kStripRows = 12;  // two micro-kernel rows (gemm_avx2.h): 24 KiB of scores
+
 // Scores of one tile, S = scale Q K^T (rows x n, row stride kBlockK), each row's keys past its causal end zeroed;
 // then row_fn(r, row, valid) with the number of keys row r sees in this tile. The forward and backward passes both
-// come through here, so the backward recomputes exactly the forward's scores: from the 16-bit tiles q16, k16 when
-// they are given (K^T packed into `pack`), else from the float tiles qt, kt.
+// come through here, so the backward recomputes exactly the forward's scores: from K^T packed in `k_panels` when
+// given (the forward's panel path), from the 16-bit tiles q16, k16 when they are given (K^T packed into `pack`),
+// else from the float tiles qt, kt.
 template <typename scalar_t, typename acc_t, typename RowFn>
 void score_tile(const Params& p, const SeqBounds& s, int64_t i0, int64_t kb, int64_t rows, int64_t n, int64_t d,
                 acc_t scale, const Tile<acc_t>& qt, const Tile<acc_t>& kt, const HalfTile<scalar_t>& q16,
-                const HalfTile<scalar_t>& k16, scalar_t* pack, acc_t* scores, RowFn&& row_fn) {
+                const HalfTile<scalar_t>& k16, scalar_t* pack, [[maybe_unused]] const acc_t* k_panels,
+                acc_t* scores, RowFn&& row_fn) {
   using Vec = at::vec::Vectorized<acc_t>;
-  bool scaled = true;
+  bool scaled = true, done = false;
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (k_panels != nullptr) {
+      gemm_panels(false, rows, n, d, scale, qt.data, qt.ld, k_panels, false, scores, kBlockK, true);
+      done = true;
+    }
+  }
+#endif
   if constexpr (sizeof(scalar_t) == 2) {
     if (q16.data != nullptr) {
       gemm_half(true, rows, n, d, q16.data, q16.ld, k16.data, k16.ld, pack, false, scores, kBlockK);
       scaled = false;
+      done = true;
     }
   }
-  if (scaled) gemm(false, true, rows, n, d, scale, qt.data, qt.ld, kt.data, kt.ld, acc_t(0), scores, kBlockK);
+  if (!done) gemm(false, true, rows, n, d, scale, qt.data, qt.ld, kt.data, kt.ld, acc_t(0), scores, kBlockK);
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* row = scores + r * kBlockK;
     const int64_t valid = std::clamp<int64_t>(key_end(i0 + r, s.lq, s.lk, p.causal) - kb, 0, n);
@@ -215,10 +241,16 @@ void forward_typed(const Params& p, const at::Tensor& q, const at::Tensor& k, co
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
 
   const bool half_tiles = use_half_tiles<scalar_t>(d);
+  const bool panels = use_panels<acc_t>();
+  const int64_t strip = panels ? kStripRows : kBlockQ;  // query rows per pass through a key block
   parallel_dynamic(int64_t(tasks.size()), [&](auto next) {
-    const int64_t wide = half_tiles ? 0 : 1, half = 1 - wide;  // which buffers this path uses
-    std::vector<acc_t> q_buf(wide * kBlockQ * d), k_buf(wide * kBlockK * d), v_buf(wide * kBlockK * d);
-    std::vector<acc_t> probs(kBlockQ * kBlockK), acc(kBlockQ * d), row_max(kBlockQ), row_sum(kBlockQ);
+    // Which buffers this path uses: half tiles, panels, or float tiles (wide).
+    const int64_t half = half_tiles ? 1 : 0, panel = panels ? 1 : 0, wide = 1 - half;
+    const int64_t kv_tiles = wide * (1 - panel);
+    std::vector<acc_t> q_buf(wide * kBlockQ * d), k_buf(kv_tiles * kBlockK * d), v_buf(kv_tiles * kBlockK * d);
+    const int64_t panel_size = panel * kBlockK * ceil_div(d, 16) * 16;  // K^T or V in panels of 16 columns
+    std::vector<acc_t> k_panels(panel_size), v_panels(panel_size);
+    std::vector<acc_t> probs(strip * kBlockK), acc(kBlockQ * d), row_max(kBlockQ), row_sum(kBlockQ);
     std::vector<scalar_t> probs16(half * kBlockQ * kBlockK), pack(half * kBlockK * d);
     for (int64_t t = next(); t >= 0; t = next()) {
       const Task& task = tasks[t];
@@ -234,30 +266,57 @@ void forward_typed(const Params& p, const at::Tensor& q, const at::Tensor& k, co
         const int64_t n = std::min(kBlockK, keys - kb);
         const scalar_t* k_rows = k_ptr + (s.k0 + kb) * ks0 + hk * ks1;
         const scalar_t* v_rows = v_ptr + (s.k0 + kb) * vs0 + hk * vs1;
-        const auto [k16, kt] = score_operand(half_tiles, k_rows, ks0, n, d, k_buf.data());
-        score_tile(p, s, i0, kb, rows, n, d, scale, qt, kt, q16, k16, pack.data(), probs.data(),
-                   [&](int64_t r, acc_t* row, int64_t valid) {
-                     if (valid > 0) {
-                       const acc_t m_new = std::max(row_max[r], row_maximum(row, valid));
-                       const acc_t alpha = softmax_rescale(row_max[r], m_new);
-                       row_sum[r] = row_sum[r] * alpha + exp_and_sum(row, valid, softmax_shift(m_new));
-                       row_max[r] = m_new;
-                       if (alpha != acc_t(1)) {
-                         acc_t* a = acc.data() + r * d;
-#pragma omp simd
-                         for (int64_t c = 0; c < d; ++c) a[c] *= alpha;
-                       }
-                     }
-                     if (half_tiles) to_half_row(row, n, probs16.data() + r * kBlockK);
-                   });
-        if constexpr (sizeof(scalar_t) == 2) {
-          if (half_tiles) {
-            gemm_half(false, rows, d, n, probs16.data(), kBlockK, v_rows, vs0, pack.data(), true, acc.data(), d);
-            continue;
+        HalfTile<scalar_t> k16{nullptr, ks0};
+        Tile<acc_t> kt{}, vt{};
+#if defined(CPU_CAPABILITY_AVX2)
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (panels) {
+            pack_panels(true, d, n, k_rows, ks0, k_panels.data());  // K^T [d, n]
+            pack_panels(false, n, d, v_rows, vs0, v_panels.data());  // V [n, d]
           }
         }
-        const Tile<acc_t> vt = load_tile(v_rows, vs0, n, d, v_buf.data());
-        gemm(false, false, rows, d, n, acc_t(1), probs.data(), kBlockK, vt.data, vt.ld, acc_t(1), acc.data(), d);
+#endif
+        if (!panels) {
+          std::tie(k16, kt) = score_operand(half_tiles, k_rows, ks0, n, d, k_buf.data());
+          if (!half_tiles) vt = load_tile(v_rows, vs0, n, d, v_buf.data());
+        }
+        for (int64_t r0 = 0; r0 < rows; r0 += strip) {
+          const int64_t m = std::min(strip, rows - r0);
+          const HalfTile<scalar_t> q16_strip{q16.data ? q16.data + r0 * q16.ld : nullptr, q16.ld};
+          const Tile<acc_t> qt_strip{qt.data ? qt.data + r0 * qt.ld : nullptr, qt.ld};
+          acc_t* acc_strip = acc.data() + r0 * d;
+          score_tile(p, s, i0 + r0, kb, m, n, d, scale, qt_strip, kt, q16_strip, k16, pack.data(),
+                     panels ? k_panels.data() : static_cast<const acc_t*>(nullptr), probs.data(), [&](int64_t r, acc_t* row, int64_t valid) {
+                       if (valid > 0) {
+                         acc_t& m_row = row_max[r0 + r];
+                         const acc_t m_new = std::max(m_row, row_maximum(row, valid));
+                         const acc_t alpha = softmax_rescale(m_row, m_new);
+                         row_sum[r0 + r] = row_sum[r0 + r] * alpha + exp_and_sum(row, valid, softmax_shift(m_new));
+                         m_row = m_new;
+                         if (alpha != acc_t(1)) {
+                           acc_t* a = acc_strip + r * d;
+#pragma omp simd
+                           for (int64_t c = 0; c < d; ++c) a[c] *= alpha;
+                         }
+                       }
+                       if (half_tiles) to_half_row(row, n, probs16.data() + r * kBlockK);
+                     });
+#if defined(CPU_CAPABILITY_AVX2)
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (panels) {
+              gemm_panels(false, m, d, n, 1.0f, probs.data(), kBlockK, v_panels.data(), true, acc_strip, d);
+              continue;
+            }
+          }
+#endif
+          if constexpr (sizeof(scalar_t) == 2) {
+            if (half_tiles) {
+              gemm_half(false, m, d, n, probs16.data(), kBlockK, v_rows, vs0, pack.data(), true, acc_strip, d);
+              continue;
+            }
+          }
+          gemm(false, false, m, d, n, acc_t(1), probs.data(), kBlockK, vt.data, vt.ld, acc_t(1), acc_strip, d);
+        }
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t token = s.q0 + i0 + r;
@@ -354,7 +413,7 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
             const auto [k16, kt] = score_operand(half_tiles, k_rows, ks0, n, d, k_buf.data());
             const Tile<acc_t> vt = half_tiles ? Tile<acc_t>{} : load_tile(v_rows, vs0, n, d, v_buf.data());
             // The forward's scores to the last bit, so P matches the forward's lse.
-            score_tile(p, s, i0, kb, rows, n, d, scale, qt, kt, q16, k16, pack.data(), probs.data(),
+            score_tile(p, s, i0, kb, rows, n, d, scale, qt, kt, q16, k16, pack.data(), static_cast<const acc_t*>(nullptr), probs.data(),
                        [&](int64_t r, acc_t* row, int64_t valid) { exp_and_sum(row, valid, shift[r]); });
             // dV += P^T dO, dP = dO V^T, dS = scale P * (dP - delta), dQ += dS K, dK += dS^T Q. With 16-bit tiles
             // dP and dQ run on 16-bit brgemm (dS rounded to scalar_t for dQ); dV and dK, whose left operands are
