@@ -145,7 +145,10 @@ class StopRequest:
 
 
 def input_tokens(batch: Batch, model: torch.nn.Module) -> int:
-    """Patch tokens of the batch's clips on the model's grid (before any token dropping: RLT, budgets, masks)."""
+    """Patch tokens of the batch's clips on the model's grid (before any token dropping: RLT, budgets, masks), or
+    the batch's own count where it has one (Video-XL: text tokens)."""
+    if hasattr(batch, "num_tokens"):
+        return batch.num_tokens
     config = getattr(model, "data_config", None) or getattr(getattr(model, "backbone", None), "data_config", None)
     if config is None:
         return 0

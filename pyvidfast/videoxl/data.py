@@ -152,6 +152,16 @@ class SFTBatch:
         return [s.seed for s in self.samples]
 
     @property
+    def skipped(self) -> list[str]:
+        """Broken files replaced in the batch (the loop logs them): none, this data set fails on a broken file."""
+        return []
+
+    @property
+    def num_tokens(self) -> int:
+        """Text tokens of the batch (the loop's tokens/s); the visual tokens are the model's choice per window."""
+        return sum(s.input_ids.numel() for s in self.samples)
+
+    @property
     def step_seed(self) -> int:
         from pyvidfast.train.data import SLOTS
 
