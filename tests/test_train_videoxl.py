@@ -251,3 +251,18 @@ def test_cli_projector_stage_bf16_checkpointing(run_folder, tmp_path):
     assert all(r["windows"] == 0 for r in records)  # no VSTs in stage 1
     task = VideoXLSFT  # the registered name is the command's
     assert task.name == "videoxl-sft"
+
+
+def test_fsdp_two_ranks_equal_ddp(run_folder, tmp_path):
+    """FSDP2 on the model's units (each decoder layer, the vision tower) gives the DDP run's loss sequence: the
+    sharding changes where parameters live, not what a step computes (each rank normalizes by its own answer
+    tokens in both, as the official DDP code does)."""
+    from test_train_scale import losses, torchrun
+
+    argv = ["videoxl-sft", "--data", str(run_folder / "data.jsonl"), "--checkpoint", str(run_folder / "ckpt"),
+            "--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--workers", "0", "--quiet", "--video-fps", "10",
+            "--image-grid-pinpoints", "(1x1),...,(2x2)", "--unfreeze-vision"]
+    torchrun(2, [*argv, "--out", str(tmp_path / "ddp")])
+    torchrun(2, [*argv, "--out", str(tmp_path / "fsdp"), "--fsdp"])
+    ddp, fsdp = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
+    assert len(ddp) == 2 and np.allclose(ddp, fsdp, rtol=1e-5, atol=1e-6)
