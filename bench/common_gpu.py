@@ -112,7 +112,7 @@ def frames_key(name: str, frames: int, size: int, start: int = 0, stride: int = 
 
 @cache
 def saved_frames() -> dict:
-    return torch.load(FRAMES_FILE) if FRAMES_FILE.exists() else {}
+    return torch.load(FRAMES_FILE, weights_only=True) if FRAMES_FILE.exists() else {}
 
 
 def frames_at_hand(name: str, frames: int, size: int, start: int = 0, stride: int = 2) -> bool:

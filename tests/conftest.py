@@ -69,10 +69,10 @@ def run_portable(tmp_path, code, inputs, capability="default"):
         "import torch, pyvidfast\n"
         "from pyvidfast.ops import *\n"
         f"assert torch.backends.cpu.get_cpu_capability() == {capability.upper()!r}\n"
-        f"inputs = torch.load(r'{tmp_path / 'inputs.pt'}')\n"
+        f"inputs = torch.load(r'{tmp_path / 'inputs.pt'}', weights_only=True)\n"
         f"{code}\n"
         f"torch.save(result, r'{tmp_path / 'result.pt'}')\n"
     )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
-    return torch.load(tmp_path / "result.pt")
+    return torch.load(tmp_path / "result.pt", weights_only=True)

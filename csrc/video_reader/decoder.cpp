@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <vector>
 
 extern "C" {
 #include <libavutil/pixdesc.h>
@@ -18,6 +19,9 @@ namespace {
 
 // Broken pictures a decoder skips, as players do, before a request gives up on the file.
 constexpr int64_t kMaxDecodeErrors = 10000;
+// Packets a decoder may take without outputting a frame before decoding counts as stuck (a real stream outputs
+// a frame every few packets; skipped non-reference pictures are a few in a row).
+constexpr int64_t kMaxPacketsWithoutFrame = 4096;
 
 // Thrown inside a request when decoded timestamps disagree with the scanned pts order, so frames cannot be
 // identified by pts (needed to skip non-reference frames); becomes WorkFailure::kPtsOrderMismatch.
@@ -45,24 +49,37 @@ AVPixelFormat pick_cuda_format(AVCodecContext*, const AVPixelFormat* formats) {
 
 }  // namespace
 
-Decoder::Decoder(std::string path_in, int stream_index_in)
-    : path(std::move(path_in)), stream_index(stream_index_in), probe(stream_index_in < 0) {
+Decoder::Decoder(Source source_in, int stream_index_in)
+    : source(std::move(source_in)), path(source.name()), stream_index(stream_index_in),
+      probe(stream_index_in < 0) {
   open_input();
 }
 
 void Decoder::open_input() {
-  fmt = open_format(path);
+  fmt.reset();  // before the AVIO context under it
+  fmt = open_demuxer(source, &input);
+  const std::string arg = source.argument();
   if (probe || !is_mov(fmt.get())) {
-    const int ret = avformat_find_stream_info(fmt.get(), nullptr);
-    TORCH_CHECK_VALUE(ret >= 0, "path: cannot read stream information from '", path, "': ", av_error_text(ret));
+    // The decoders the probing opens refuse pictures over the size limit instead of allocating them.
+    std::vector<AVDictionary*> options(fmt->nb_streams, nullptr);
+    for (auto& o : options) av_dict_set_int(&o, "max_pixels", kMaxPicturePixels, 0);
+    const int ret = avformat_find_stream_info(fmt.get(), options.data());
+    for (auto& o : options) av_dict_free(&o);
+    TORCH_CHECK_VALUE(ret >= 0, arg, ": cannot read stream information from ", path, ": ", av_error_text(ret));
   }
   if (stream_index < 0) {
     const int ret = av_find_best_stream(fmt.get(), AVMEDIA_TYPE_VIDEO, -1, -1, nullptr, 0);
-    TORCH_CHECK_VALUE(ret >= 0, "path: '", path, "' has no video stream");
+    TORCH_CHECK_VALUE(ret >= 0, arg, ": ", path, " has no video stream");
     stream_index = ret;
   }
-  TORCH_CHECK(stream_index < static_cast<int>(fmt->nb_streams), "VideoReader: '", path,
-              "' changed since it was opened");
+  TORCH_CHECK(stream_index < static_cast<int>(fmt->nb_streams), "VideoReader: ", path,
+              " changed since it was opened");
+  const AVCodecParameters* par = stream()->codecpar;
+  TORCH_CHECK_VALUE(par->width >= 0 && par->height >= 0 && par->width <= kMaxPictureSide &&
+                        par->height <= kMaxPictureSide && int64_t{par->width} * par->height <= kMaxPicturePixels,
+                    arg, ": ", path, " declares ", par->width, "x", par->height,
+                    " pixel pictures, over the reader's limit (", kMaxPictureSide, " a side, ", kMaxPicturePixels,
+                    " pixels)");
   for (unsigned i = 0; i < fmt->nb_streams; ++i) {
     fmt->streams[i]->discard = static_cast<int>(i) == stream_index ? AVDISCARD_DEFAULT : AVDISCARD_ALL;
   }
@@ -72,12 +89,16 @@ void Decoder::open_codec(int threads, AVBufferRef* hw_device) {
   const AVCodecParameters* par = stream()->codecpar;
   const AVCodec* decoder = avcodec_find_decoder(par->codec_id);
   TORCH_CHECK_NOT_IMPLEMENTED(decoder, "VideoReader: no decoder for codec '", avcodec_get_name(par->codec_id),
-                              "' of '", path, "' in this FFmpeg build");
+                              "' of ", path, " in this FFmpeg build");
   codec.reset(avcodec_alloc_context3(decoder));
   TORCH_CHECK(codec, "VideoReader: out of memory");
   int ret = avcodec_parameters_to_context(codec.get(), par);
-  TORCH_CHECK(ret >= 0, "VideoReader: bad codec parameters in '", path, "': ", av_error_text(ret));
+  TORCH_CHECK(ret >= 0, "VideoReader: bad codec parameters in ", path, ": ", av_error_text(ret));
   codec->pkt_timebase = stream()->time_base;
+  // Crop exactly: by default FFmpeg rounds a crop offset down to keep the planes aligned, so a picture cropped
+  // at an unaligned left offset (Theora, H.264 frame cropping) comes out wider, shifted left.
+  codec->flags |= AV_CODEC_FLAG_UNALIGNED;
+  codec->max_pixels = kMaxPicturePixels;  // a stream that grows past the limit fails instead of allocating
   codec->thread_count = threads;
   codec->thread_type = FF_THREAD_FRAME | FF_THREAD_SLICE;
   if (hw_device) {
@@ -87,8 +108,8 @@ void Decoder::open_codec(int threads, AVBufferRef* hw_device) {
     codec->thread_count = 1;  // NVDEC decodes asynchronously itself
   }
   ret = avcodec_open2(codec.get(), decoder, nullptr);
-  TORCH_CHECK_NOT_IMPLEMENTED(ret >= 0, "VideoReader: cannot open the '", decoder->name, "' decoder for '", path,
-                              "': ", av_error_text(ret));
+  TORCH_CHECK_NOT_IMPLEMENTED(ret >= 0, "VideoReader: cannot open the '", decoder->name, "' decoder for ", path,
+                              ": ", av_error_text(ret));
 }
 
 void Decoder::reopen() {
@@ -104,7 +125,11 @@ bool Decoder::read_packet() {
   while (true) {
     const int ret = av_read_frame(fmt.get(), packet.get());
     if (ret < 0) return false;
-    if (packet->stream_index == stream_index) return true;
+    if (packet->stream_index == stream_index) {
+      TORCH_CHECK_VALUE(packet->size <= kMaxPacketBytes, source.argument(), ": ", path, " has a packet of ",
+                        packet->size, " bytes, over the reader's limit of ", kMaxPacketBytes);
+      return true;
+    }
     av_packet_unref(packet.get());
   }
 }
@@ -165,11 +190,12 @@ void Decoder::seek_to(const PacketIndex& index, const SeekPoint& sp) {
   if (!found) {  // the container cannot seek there: reopen and walk the packets (demuxing only)
     reopen();
     for (int64_t k = 0; k <= sp.packet; ++k) {
-      TORCH_CHECK(read_packet(), "VideoReader: '", path, "' changed since it was opened");
+      TORCH_CHECK(read_packet(), "VideoReader: ", path, " changed since it was opened");
       if (k < sp.packet) av_packet_unref(packet.get());
     }
   }
   held_packet = true;
+  packets_without_frame = 0;
   next_packet = sp.packet;
   next_frame = sp.frame;
   verify_next = sp.packet > 0;
@@ -181,13 +207,16 @@ void Decoder::seek_to(const PacketIndex& index, const SeekPoint& sp) {
 int64_t Decoder::next_decoded_frame(const PacketIndex& index, const Request& req) {
   while (true) {
     int ret = avcodec_receive_frame(codec.get(), frame.get());
-    if (ret == 0) return identify(index, frame.get());
+    if (ret == 0) {
+      packets_without_frame = 0;
+      return identify(index, frame.get());
+    }
     if (ret == AVERROR_EOF) {
       positioned = false;
       return -1;
     }
     if (ret != AVERROR(EAGAIN)) {  // a broken picture (frame threads report it here): skip it, as players do
-      TORCH_CHECK(++decode_errors < kMaxDecodeErrors, "VideoReader: decoding '", path, "' keeps failing: ",
+      TORCH_CHECK(++decode_errors < kMaxDecodeErrors, "VideoReader: decoding ", path, " keeps failing: ",
                   av_error_text(ret));
       continue;
     }
@@ -211,6 +240,8 @@ int64_t Decoder::next_decoded_frame(const PacketIndex& index, const Request& req
     const bool skippable = index.skip_nonref && (f < 0 || !req.wanted[f]);
     codec->skip_frame = skippable ? AVDISCARD_NONREF : AVDISCARD_DEFAULT;
     if (skippable && f >= 0) sent_skipped[f] = 1;
+    TORCH_CHECK(++packets_without_frame <= kMaxPacketsWithoutFrame, "VideoReader: decoding ", path,
+                " stopped making progress: ", kMaxPacketsWithoutFrame, " packets gave no frame");
     ret = avcodec_send_packet(codec.get(), packet.get());
     av_packet_unref(packet.get());
     if (ret < 0 && ret != AVERROR(EAGAIN)) ++decode_errors;  // a corrupt packet: go on, as players do

@@ -4,13 +4,6 @@
 
 namespace vidfast::video_reader {
 
-FormatContextPtr open_format(const std::string& path) {
-  AVFormatContext* raw = nullptr;  // avformat_open_input frees it itself where it fails
-  const int ret = avformat_open_input(&raw, path.c_str(), nullptr, nullptr);
-  TORCH_CHECK_VALUE(ret >= 0, "path: cannot open '", path, "' as a video: ", av_error_text(ret));
-  return FormatContextPtr(raw);
-}
-
 PacketPtr make_packet() {
   PacketPtr p(av_packet_alloc());
   TORCH_CHECK(p, "VideoReader: out of memory");

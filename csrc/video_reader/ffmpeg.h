@@ -30,6 +30,19 @@ struct SwsContextDeleter {
 struct BufferRefDeleter {
   void operator()(AVBufferRef* b) const { av_buffer_unref(&b); }
 };
+// An AVIO context opened by FFmpeg's protocols (avio_open2), or one of ours over byte input (avio_alloc_context,
+// whose buffer FFmpeg may have replaced: freed through the context).
+struct AvioContextDeleter {
+  bool ours = false;
+  void operator()(AVIOContext* c) const {
+    if (ours) {
+      av_freep(&c->buffer);
+      avio_context_free(&c);
+    } else {
+      avio_closep(&c);
+    }
+  }
+};
 
 using FormatContextPtr = std::unique_ptr<AVFormatContext, FormatContextDeleter>;
 using CodecContextPtr = std::unique_ptr<AVCodecContext, CodecContextDeleter>;
@@ -37,9 +50,8 @@ using PacketPtr = std::unique_ptr<AVPacket, PacketDeleter>;
 using FramePtr = std::unique_ptr<AVFrame, FrameDeleter>;
 using SwsContextPtr = std::unique_ptr<SwsContext, SwsContextDeleter>;
 using BufferRefPtr = std::unique_ptr<AVBufferRef, BufferRefDeleter>;
+using AvioContextPtr = std::unique_ptr<AVIOContext, AvioContextDeleter>;
 
-// Opens `path` for demuxing; throws ValueError naming the path where FFmpeg cannot.
-FormatContextPtr open_format(const std::string& path);
 // A fresh packet / frame; throws where FFmpeg cannot allocate one.
 PacketPtr make_packet();
 FramePtr make_frame();

@@ -34,7 +34,12 @@ void scan_all_packets(Decoder& d, PacketIndex& index) {
   VIDFAST_NVTX_RANGE("decode/scan");
   int ret;
   while ((ret = av_read_frame(d.fmt.get(), d.packet.get())) >= 0) {
-    if (d.packet->stream_index == d.stream_index) index.packets.push_back(packet_info(d.packet.get(), par));
+    if (d.packet->stream_index == d.stream_index) {
+      TORCH_CHECK_VALUE(static_cast<int64_t>(index.packets.size()) < kMaxPackets && d.packet->size <= kMaxPacketBytes,
+                        d.source.argument(), ": ", d.path, " has more than ", kMaxPackets,
+                        " video packets or one over ", kMaxPacketBytes, " bytes: over the reader's limits");
+      index.packets.push_back(packet_info(d.packet.get(), par));
+    }
     av_packet_unref(d.packet.get());
   }
   if (ret != AVERROR_EOF) index.scan_error = av_error_text(ret);
@@ -50,7 +55,7 @@ void scan_all_packets(Decoder& d, PacketIndex& index) {
 bool packets_from_sample_index(Decoder& d, std::vector<PacketInfo>& packets) {
   AVStream* st = d.stream();
   const int64_t n = avformat_index_get_entries_count(st);
-  if (n <= 0) return false;
+  if (n <= 0 || n > kMaxPackets) return false;  // (over the limit: the packet scan says so)
   Mp4Track track;
   if (!read_mp4_track(d.fmt->pb, st->id, &track)) return false;
   if (static_cast<int64_t>(track.sizes.size()) != n) return false;
@@ -165,7 +170,7 @@ void sort_into_frames(PacketIndex& x, const AVCodecParameters* par, const std::s
   }
   const bool order_known = x.all_pts || par->video_delay == 0;
   x.num_frames = static_cast<int64_t>(frame_packets.size());
-  TORCH_CHECK_VALUE(x.num_frames > 0, "path: '", path, "' has a video stream with no frames",
+  TORCH_CHECK_VALUE(x.num_frames > 0, path, " has a video stream with no frames",
                     x.scan_error.empty() ? "" : " (" + x.scan_error + ")");
   if (x.keys_known) {
     std::stable_sort(frame_packets.begin(), frame_packets.end(),
@@ -230,7 +235,7 @@ PacketIndex index_packets(Decoder& d, bool read_all_packets) {
     }
   }
   if (!index.from_sample_index) scan_all_packets(d, index);
-  sort_into_frames(index, d.stream()->codecpar, d.path);
+  sort_into_frames(index, d.stream()->codecpar, d.source.argument() + ": " + d.path);
   return index;
 }
 

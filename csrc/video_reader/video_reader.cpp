@@ -23,10 +23,10 @@ constexpr int64_t kMaxOutputSide = 16384;  // pixels; outputs beyond are almost 
 
 }  // namespace
 
-VideoReader::VideoReader(std::string path, int64_t cuda_device, int64_t threads, bool read_all_packets)
-    : path_(std::move(path)), cuda_device_(cuda_device), threads_(threads) {
+VideoReader::VideoReader(Source source, int64_t cuda_device, int64_t threads, bool read_all_packets)
+    : source_(std::move(source)), path_(source_.name()), cuda_device_(cuda_device), threads_(threads) {
   TORCH_CHECK_VALUE(threads >= 0, "threads: expected 0 (automatic) or a positive count; got ", threads);
-  main_ = std::make_unique<Decoder>(path_, /*stream_index=*/-1);
+  main_ = std::make_unique<Decoder>(source_, /*stream_index=*/-1);
   index_ = index_packets(*main_, read_all_packets);
   if (cuda_device_ >= 0) hw_device_ = open_nvdec();
   main_->open_codec(static_cast<int>(threads_), hw_device_.get());
@@ -67,8 +67,8 @@ BufferRefPtr VideoReader::open_nvdec() const {
   const bool h264_not_420 = stream()->codecpar->codec_id == AV_CODEC_ID_H264 && fmt != AV_PIX_FMT_YUV420P &&
                             fmt != AV_PIX_FMT_YUVJ420P && fmt != AV_PIX_FMT_NONE;
   if (h264_not_420) {
-    TORCH_WARN("VideoReader: NVDEC cannot decode H.264 ", pixel_format(), " ('", path_,
-               "'); decoding on the CPU and copying the frames to the GPU");
+    TORCH_WARN("VideoReader: NVDEC cannot decode H.264 ", pixel_format(), " (", path_,
+               "); decoding on the CPU and copying the frames to the GPU");
     return nullptr;
   }
   std::string error;
@@ -176,8 +176,8 @@ at::Tensor VideoReader::get_frames(const at::Tensor& indices, int64_t height, in
 
   const std::vector<int64_t> missing = decode_request(req);
   if (!missing.empty()) {
-    TORCH_CHECK(partial, "VideoReader: frame ", missing.front(), " of '", path_,
-                "' could not be decoded: the stream ended or broke before it (", missing.size(),
+    TORCH_CHECK(partial, "VideoReader: frame ", missing.front(), " of ", path_,
+                " could not be decoded: the stream ended or broke before it (", missing.size(),
                 " requested frame(s) missing", index_.scan_error.empty() ? "" : ", demuxer error: " + index_.scan_error,
                 "). Pass partial=True to get the frames that decode.");
   }
@@ -193,8 +193,8 @@ at::Tensor VideoReader::get_frames(const at::Tensor& indices, int64_t height, in
     for (int64_t i = 0; i < n; ++i) {
       if (!std::binary_search(missing.begin(), missing.end(), ip[i])) keep.push_back(i);
     }
-    TORCH_WARN("VideoReader: ", missing.size(), " requested frame(s) of '", path_,
-               "' could not be decoded and are left out of the result");
+    TORCH_WARN("VideoReader: ", missing.size(), " requested frame(s) of ", path_,
+               " could not be decoded and are left out of the result");
     return req.out.index_select(req.frame_dim, at::tensor(keep, at::kLong).to(device));
   }
   return req.out;
@@ -228,7 +228,7 @@ std::vector<int64_t> VideoReader::decode_request(Request& req) {
         for (int64_t k = begin; k < end; ++k) {
           try {  // each thread opens its own decoder (in parallel with the others)
             if (!workers_[k]) {
-              auto d = std::make_unique<Decoder>(path_, main_->stream_index);
+              auto d = std::make_unique<Decoder>(source_, main_->stream_index);
               d->open_codec(1, nullptr);
               workers_[k] = std::move(d);
             }
@@ -241,6 +241,8 @@ std::vector<int64_t> VideoReader::decode_request(Request& req) {
       });
     }
     bool retry = false;
+    const size_t seek_points_before = index_.seek_points.size();
+    const bool skip_nonref_before = index_.skip_nonref;
     for (auto& w : works) {
       if (w.error) std::rethrow_exception(w.error);
       if (w.failure == WorkFailure::kPtsOrderMismatch) {
@@ -254,6 +256,9 @@ std::vector<int64_t> VideoReader::decode_request(Request& req) {
       retry = retry || w.failure != WorkFailure::kNone;
     }
     if (retry) {
+      // Each redo drops a seek point or stops skipping non-reference frames: one that changes neither would loop.
+      TORCH_CHECK(index_.seek_points.size() < seek_points_before || index_.skip_nonref != skip_nonref_before,
+                  "VideoReader: decoding ", path_, " stopped making progress");
       main_->positioned = false;
       for (auto& d : workers_) d->positioned = false;
       continue;

@@ -10,6 +10,7 @@
 //
 // One file per job, each section below naming its file:
 //   ffmpeg.h / .cpp     owners (std::unique_ptr + FFmpeg's free functions) of every FFmpeg object
+//   input.cpp           opening untrusted input: local files or byte input, refused demuxers
 //   mp4.cpp             MP4/MOV sample-table parsing
 //   bitstream.cpp       H.264 / HEVC bitstream tests (IDR pictures, NAL units)
 //   packet_index.cpp    the packet index: packets, frames, keyframes, seek points
@@ -24,6 +25,7 @@
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -33,6 +35,52 @@
 namespace vidfast::video_reader {
 
 constexpr int64_t kNoTs = AV_NOPTS_VALUE;
+
+// ---- Input (input.cpp) -------------------------------------------------------------------------------------
+
+// Limits on what a file may declare, checked before anything that size is allocated: files in scraped datasets
+// are not trusted.
+constexpr int64_t kMaxPictureSide = 16384;        // pixels, each side
+constexpr int64_t kMaxPicturePixels = int64_t{1} << 26;  // 8192 x 8192
+constexpr int64_t kMaxPackets = int64_t{1} << 24;  // video packets (frames) in one file: 7.7 days at 25 fps
+constexpr int64_t kMaxPacketBytes = int64_t{1} << 28;  // one compressed picture
+
+// Reads up to `size` bytes at `offset` of the caller's byte stream into `buffer`: the count, 0 at the end, or
+// -1 on an error. A Python file object's seek + readinto behind a ctypes callback (pyvidfast/io/reader.py), which
+// takes the GIL itself.
+using ReadAtFn = int64_t (*)(int64_t offset, void* buffer, int64_t size);
+
+// Where a reader's bytes come from: a local file, bytes in memory, or the caller's read callback.
+struct Source {
+  std::string path;      // a local file; empty for byte input
+  at::Tensor bytes;      // bytes in memory (uint8, 1-D, contiguous, on the CPU); undefined otherwise
+  ReadAtFn read_at = nullptr;
+  int64_t size = 0;      // of the callback's stream
+  std::shared_ptr<std::mutex> read_lock;  // the callback's stream has one position: one read at a time
+  std::vector<std::string> allowed_formats;  // demuxers that open other files the caller allows ("hls", ...)
+
+  // The argument to name in errors ("path" or "source") and the input as messages show it.
+  std::string argument() const { return path.empty() ? "source" : "path"; }
+  std::string name() const;
+};
+
+// The AVIO side of one opened input: an AVIO context of the file protocol (local files only) or of our own over
+// byte input, with its cursor. The demuxer on it (a FormatContextPtr) must be freed first.
+struct Input {
+  struct Cursor {
+    const Source* source;
+    int64_t pos;
+  };
+  std::unique_ptr<Cursor> cursor;
+  AvioContextPtr avio;
+  std::string refused_url;  // what the demuxer tried to open besides the input (refused)
+};
+
+// Opens `source` for demuxing on `input` (replacing what it held): ValueError naming the argument where FFmpeg
+// cannot, or where the demuxer is one that opens other files or URLs (playlists, concatenation, image
+// sequences, stream descriptions) and the source does not allow it by name. No demuxer may open anything besides
+// the input unless allowed, and then only local files. `source` and `input` must outlive the demuxer.
+FormatContextPtr open_demuxer(const Source& source, Input* input);
 
 // ---- Packets and seek points -------------------------------------------------------------------------------
 
@@ -138,7 +186,7 @@ struct Pending {
 // libswscale state of one conversion thread, for the native-size uint8 path.
 struct ThreadSws {
   SwsContextPtr ctx;
-  int colorspace = -1, full_range = -1;
+  int colorspace = -1, full_range = -1;  // the frame tags the context was last set for (AVColorSpace, AVColorRange)
   std::vector<uint8_t> padded;  // for widths libswscale's SIMD converters would leave a tail of
 };
 
@@ -165,10 +213,10 @@ std::vector<std::vector<size_t>> plan_decoders(const Request& req, const PacketI
 
 // One demuxer + decoder over the file, and where it stands.
 struct Decoder {
-  // Opens `path`. stream_index < 0 (the main decoder): probes the streams (FFmpeg decodes a few frames for that)
-  // and picks the video stream; else takes that stream and skips the probing where packets do not depend on it
-  // (MP4/MOV: every packet comes from the sample index read with the header).
-  Decoder(std::string path, int stream_index);
+  // Opens `source`. stream_index < 0 (the main decoder): probes the streams (FFmpeg decodes a few frames for
+  // that) and picks the video stream; else takes that stream and skips the probing where packets do not depend
+  // on it (MP4/MOV: every packet comes from the sample index read with the header).
+  Decoder(Source source, int stream_index);
   Decoder(const Decoder&) = delete;
   Decoder& operator=(const Decoder&) = delete;
 
@@ -182,10 +230,12 @@ struct Decoder {
   // Decodes work.targets with the request's plan; failures land in work.failure / work.error.
   void decode(const PacketIndex& index, Request& req, Work& work);
 
-  std::string path;
+  Source source;
+  std::string path;  // the input as messages show it
   int stream_index = -1;
   bool probe;  // probe the streams on every open (the main decoder)
-  FormatContextPtr fmt;
+  Input input;
+  FormatContextPtr fmt;  // the demuxer on `input` (declared after it: freed first)
   CodecContextPtr codec;
   PacketPtr packet = make_packet();
   FramePtr frame = make_frame();
@@ -198,6 +248,7 @@ struct Decoder {
   int64_t next_packet = 0;    // decode index of the next packet to send
   int64_t next_frame = 0;     // index of the next frame the decoder outputs
   int64_t decode_errors = 0;
+  int64_t packets_without_frame = 0;  // sent since the decoder last output a frame
   std::vector<uint8_t> sent_skipped;  // frames whose packets were sent with AVDISCARD_NONREF since the last seek
   SeekPoint last_seek{0, 0};
 
@@ -227,7 +278,7 @@ void flush_conversions(Request& req, Work& w);
 class VideoReader : public torch::CustomClassHolder {
  public:
   // read_all_packets: list the packets by reading them even where the sample index could be used (tests).
-  VideoReader(std::string path, int64_t cuda_device, int64_t threads, bool read_all_packets);
+  VideoReader(Source source, int64_t cuda_device, int64_t threads, bool read_all_packets);
 
   int64_t num_frames() const { return index_.num_frames; }
   int64_t width() const;
@@ -259,7 +310,8 @@ class VideoReader : public torch::CustomClassHolder {
   BufferRefPtr open_nvdec() const;
   std::vector<int64_t> decode_request(Request& req);
 
-  std::string path_;
+  Source source_;
+  std::string path_;  // the input as messages show it
   int64_t cuda_device_;
   int64_t threads_;
   BufferRefPtr hw_device_;

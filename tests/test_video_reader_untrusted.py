@@ -1,0 +1,135 @@
+"""Untrusted files: a file cannot make the reader open another path or a URL, and what a file declares is capped.
+
+Crafted files made here: HLS playlists and ffconcat lists naming another local clip and a URL (served by a
+local socket that counts connections), a playlist named .mp4, a pattern for an image sequence, a data: URI; a
+YUV4MPEG file whose header claims a picture over the size limit."""
+
+import shutil
+import socket
+import subprocess
+import threading
+
+import pytest
+import torch
+
+import pyvidfast
+from pyvidfast.io import VideoReader
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg CLI to make test videos"),
+    pytest.mark.skipif(not pyvidfast.build_info()["video_reader"], reason="pyvidfast was built without the reader"),
+]
+
+
+def ffmpeg(*args):
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", *map(str, args)], check=True,
+                   capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("untrusted") / "clip.ts"  # MPEG-TS: what HLS segments are
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25:duration=0.4", "-c:v", "mpeg2video", path)
+    return path
+
+
+@pytest.fixture
+def listener():
+    """A local TCP server counting the connections made to it (a URL inside a playlist must never be fetched)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    accepted, stop = [], threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            accepted.append(1)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/segment.ts", accepted
+    stop.set()
+    thread.join()
+    server.close()
+
+
+def hls(segment: str) -> str:
+    return f"#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXTINF:0.4,\n{segment}\n#EXT-X-ENDLIST\n"
+
+
+@pytest.mark.parametrize("kind", ["hls", "ffconcat"])
+def test_playlists_are_refused(tmp_path, clip, listener, kind):
+    url, accepted = listener
+    shutil.copyfile(clip, tmp_path / "segment.ts")  # named relative to the playlist, as real ones are
+    if kind == "hls":
+        text_local, text_url, name, suffix = hls("segment.ts"), hls(url), "hls", ".m3u8"
+    else:
+        text_local, text_url = "ffconcat version 1.0\nfile 'segment.ts'\n", f"ffconcat version 1.0\nfile '{url}'\n"
+        name, suffix = "concat", ".ffconcat"
+    for text in (text_local, text_url):
+        for path in (tmp_path / ("list" + suffix), tmp_path / "list.mp4"):  # also a playlist named like a video
+            path.write_text(text)
+            with pytest.raises(ValueError, match=r"path: .*(refused|cannot open)"):
+                VideoReader(path)
+            with open(path, "rb") as f:  # byte input: the same refusal
+                with pytest.raises(ValueError, match=r"source: .*(refused|cannot open)"):
+                    VideoReader(f)
+    # Named by the caller, the demuxer may open local files (so the refusal above is what kept the segment
+    # closed), and still no URL.
+    path = tmp_path / ("local" + suffix)
+    path.write_text(text_local)
+    with VideoReader(path, allowed_formats=(name,)) as r, VideoReader(clip) as direct:
+        assert len(r) == len(direct)
+        assert torch.equal(r.get_frames([0, len(r) - 1]), direct.get_frames([0, len(direct) - 1]))
+    path.write_text(text_url)
+    with pytest.raises((ValueError, RuntimeError)):
+        VideoReader(path, allowed_formats=(name,)).get_frames([0])
+    assert accepted == [], "a URL named inside a playlist was fetched"
+
+
+def test_refusal_message_names_the_format(tmp_path, clip):
+    path = tmp_path / "video.mp4"
+    path.write_text(f"ffconcat version 1.0\nfile '{clip}'\n")
+    with pytest.raises(ValueError, match=r"'concat' file .* allowed_formats=\(\"concat\",\)"):
+        VideoReader(path)
+
+
+def test_image_sequences_and_uris_are_refused(tmp_path, clip):
+    for k in range(3):
+        ffmpeg("-f", "lavfi", "-i", "testsrc2=size=32x32:rate=1:duration=1", "-frames:v", 1, tmp_path / f"img{k:03d}.png")
+    with pytest.raises(FileNotFoundError):  # a pattern is not a file
+        VideoReader(tmp_path / "img%03d.png")
+    (tmp_path / "img%03d.png").write_bytes((tmp_path / "img000.png").read_bytes())  # a file spelling a pattern
+    try:  # refused (the image2 demuxer), or read as the one picture it is: never as the sequence
+        with VideoReader(tmp_path / "img%03d.png") as r:
+            assert len(r) == 1
+    except ValueError as e:
+        assert "'image2' file" in str(e)
+    for name in ("data:video/mp4;base64,AAAA", "http://127.0.0.1:9/x.mp4", f"concat:{clip}|{clip}"):
+        with pytest.raises(FileNotFoundError):
+            VideoReader(name)
+    # A local file whose name spells a protocol is opened as that file only.
+    spelled = tmp_path / "subfile,,start,0,end,0,,:clip.ts"
+    shutil.copyfile(clip, spelled)
+    with VideoReader(spelled) as r, VideoReader(clip) as direct:
+        assert len(r) == len(direct)
+
+
+@pytest.mark.parametrize("size", ["32x40000", "9000x9000"])
+def test_declared_size_over_the_limit_fails(tmp_path, size):
+    # A YUV4MPEG header declares the picture size as text: claim more than 16384 a side or 2^26 pixels.
+    path = tmp_path / "small.y4m"
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=32x16:rate=5:duration=0.4", "-pix_fmt", "yuv420p", path)
+    data = path.read_bytes()
+    assert data.startswith(b"YUV4MPEG2 W32 H16 ")
+    w, h = size.split("x")
+    big = tmp_path / "claims_huge.y4m"
+    big.write_bytes(data.replace(b"W32 H16 ", f"W{w} H{h} ".encode(), 1))
+    with pytest.raises(ValueError, match="over the reader's limit"):
+        VideoReader(big)
