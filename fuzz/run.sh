@@ -26,7 +26,9 @@ echo "fuzz build: $(( $(date +%s) - start )) s"
 
 mkdir -p "$BUILD/corpus" "$BUILD/crashes"
 [ -d "$BUILD/seeds" ] || "$VENV/bin/python" fuzz/make_corpus.py "$BUILD/seeds"
-# One worker (the build machines have 2 cores); inputs up to 64 KiB; an input may take 10 s and 2 GB.
+# One worker process (the build machines have 2 cores) that goes on after a finding (-fork=1 -ignore_*), so one
+# run collects them all; inputs up to 64 KiB; an input may take 10 s and 2 GB.
 "$BUILD/fuzz_reader" -max_total_time="$SECONDS_TO_RUN" -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
+  -fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1 \
   -dict=fuzz/mp4.dict -artifact_prefix="$BUILD/crashes/" -print_final_stats=1 "$@" \
   "$BUILD/corpus" "$BUILD/seeds" "$ROOT/tests/data/fuzz"
