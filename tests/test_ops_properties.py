@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pyvidfast.io import sampling
 from pyvidfast.ops import group_budgets, group_topk, rlt_mask, rlt_tokenize, varlen_attention
 
+import test_group_topk
 import test_rlt
 import test_varlen_attention
 
@@ -156,18 +157,11 @@ def test_rlt_bad_input_is_rejected_or_correct(dim, size, tubelet, patch, thresho
 # ---- group_topk ------------------------------------------------------------------------------------------------
 
 def group_topk_reference(x, num_groups, budget):
-    """Indices and float32 scores from float64 scores: NaN ranks above every number, equal scores go to the lower
-    index, kept indices ascending."""
-    batch, frames, tokens, dim = x.shape
-    per_group = frames // num_groups
-    grouped = x.double().reshape(batch, num_groups, per_group, tokens, dim)
-    scores = torch.zeros(batch, num_groups, per_group, tokens, dtype=torch.float64)
-    if per_group >= 2:
-        distance = (grouped[:, :, 1:] - grouped[:, :, :-1]).pow(2).sum(-1).sqrt()
-        scores[:, :, 1:] = distance
-        scores[:, :, 0] = distance[:, :, 0]
-    n = per_group * tokens
-    scores = scores.float().reshape(batch, num_groups, n).double().numpy()
+    """Indices and float32 scores from float64 scores: NaN (of either sign) ranks above every number, equal scores
+    and NaNs go to the lower index, kept indices ascending."""
+    batch, frames, tokens, _ = x.shape
+    n = frames // num_groups * tokens
+    scores = test_group_topk.reference_scores(x, num_groups).reshape(batch, num_groups, n).double().numpy()
     indices = []
     for b in range(batch):
         kept = []
@@ -195,6 +189,17 @@ def test_group_topk_properties(batch, groups, per_group, tokens, dim, dtype, kin
     assert indices.dtype == torch.int64 and scores.dtype == torch.float32
     assert torch.equal(indices, expected_indices)
     torch.testing.assert_close(scores, expected_scores, rtol=1e-6, atol=0, equal_nan=True)
+
+
+def test_group_topk_nans_of_either_sign_tie():
+    """inf - inf gives a negative NaN on x86, a NaN input a positive one: both rank first and tie (lower index)."""
+    x = torch.zeros(1, 2, 4, 1)
+    x[0, 1, 0] = math.nan  # token 0 (and 4): positive NaN
+    x[0, :, 2] = math.inf  # token 2 (and 6): inf - inf
+    x[0, 1, 3] = -math.nan  # token 3 (and 7): negative NaN input
+    indices, scores = group_topk(x, 1, 5, return_scores=True)
+    assert indices.tolist() == [[0, 2, 3, 4, 6]] and scores.isnan().sum() == 5
+    assert torch.equal(indices, group_topk_reference(x, 1, 5)[0])
 
 
 @given(shape=st.lists(st.integers(0, 5), min_size=0, max_size=5), groups=st.integers(-1, 5),
