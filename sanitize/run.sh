@@ -41,13 +41,14 @@ LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.
 export ASAN_OPTIONS=halt_on_error=1:detect_leaks=1:alloc_dealloc_mismatch=0:detect_odr_violation=0:allocator_may_return_null=1
 export LSAN_OPTIONS=suppressions=$ROOT/sanitize/lsan.supp:print_suppressions=0
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+# -s: a report aborts the process, and pytest's captured output (where the report went) would be lost with it.
 export VIDFAST_SANITIZE=1 VIDFAST_HYPOTHESIS_PROFILE=${VIDFAST_HYPOTHESIS_PROFILE:-thorough}
 export PYTHONPATH=$BUILD/python  # subprocesses of the tests import the instrumented copy too
 cd "$BUILD/python"  # python -c puts the working folder first on sys.path
 "$VENV/bin/python" -c "import pyvidfast, pyvidfast.ops; print('sanitize: testing', pyvidfast.__file__)"
-start=$(date +%s)
+start=$SECONDS  # no `date`: every program run from here on has the ASan runtime preloaded (and LSan's exit code)
 status=0
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider -o "pythonpath=$BUILD/python" --rootdir "$ROOT" \
+"$VENV/bin/python" -m pytest -q -s -p no:cacheprovider -o "pythonpath=$BUILD/python" --rootdir "$ROOT" \
   "${TESTS[@]/#tests\//$ROOT/tests/}" || status=$?
-echo "sanitize tests: $(( $(date +%s) - start )) s"
+echo "sanitize tests: $(( SECONDS - start )) s"
 exit $status
