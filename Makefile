@@ -8,7 +8,7 @@ VIDFAST_CUDA_ARCHS ?= 8.0;9.0a
 APT_PACKAGES := pkg-config ffmpeg libavformat-dev libavcodec-dev libavutil-dev libswscale-dev libffmpeg-nvenc-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test build system venv samples bench clean
+.PHONY: demo test build system venv samples bench clean sanitize fuzz
 
 demo: build samples
 	$(PY) -m pyvidfast demo
@@ -52,6 +52,17 @@ samples: venv
 bench: build samples
 	for b in bench/*.py; do m=$$(basename $$b .py); case $$m in common*|*_gpu|report|__init__) ;; *) $(PY) -m bench.$$m || exit 1;; esac; done
 	$(PY) -m bench.report
+
+# The library with ASan + UBSan (+ LeakSanitizer) in build/sanitize, and the reader and op tests against it
+# (sanitize/run.sh; docs/reliability.md). SANITIZE_TESTS="tests/x.py ..." picks other tests.
+SANITIZE_TESTS ?=
+sanitize: system venv samples
+	sanitize/run.sh $(SANITIZE_TESTS)
+
+# libFuzzer on the reader's C++ core for SECONDS seconds (installs Debian's clang where missing; fuzz/run.sh).
+SECONDS ?= 600
+fuzz: system venv
+	fuzz/run.sh $(SECONDS)
 
 clean:
 	rm -rf build pyvidfast/_C*.so

@@ -41,8 +41,11 @@ VIDFAST_HD double add_squared_difference(double sum, double a, double b) {
 
 VIDFAST_HD float score_from_sum(double sum_of_squares) { return float(sqrt(sum_of_squares)); }
 
-// Scores are non-negative (or NaN), so their IEEE bits order like unsigned integers; NaN ranks above +inf.
+// Scores are non-negative (or NaN), so their IEEE bits order like unsigned integers. Every NaN gets the one key
+// above +inf: NaNs differ in sign and payload (inf - inf gives a negative NaN on x86, a NaN input stays positive),
+// and ranking them by those bits would break "NaNs tie, the lower index first".
 VIDFAST_HD uint32_t score_key(float score) {
+  if (score != score) return 0xFFFFFFFFu;
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(score);
 #else

@@ -108,8 +108,10 @@ bool packets_from_sample_index(Decoder& d, std::vector<PacketInfo>& packets) {
   const int64_t head = std::min<int64_t>(n, 64);
   for (int64_t k = 0; k < head; ++k) {
     if (!d.read_packet()) return false;
+    // An empty packet has no data pointer, and memcmp must not be given one even for 0 bytes.
     const bool ok = check(k) && (k > 0 || (d.packet->size == static_cast<int>(bytes.size()) &&
-                                           std::memcmp(d.packet->data, bytes.data(), bytes.size()) == 0));
+                                           (bytes.empty() ||
+                                            std::memcmp(d.packet->data, bytes.data(), bytes.size()) == 0)));
     av_packet_unref(d.packet.get());
     if (!ok) return false;
   }

@@ -23,8 +23,9 @@ def group_topk(x: Tensor, num_groups: int, budget: int, return_scores: bool = Fa
 
     Score of token (t, l) in a group of frames t0..t1: ``||x[t, l] - x[t-1, l]||_2`` for t > t0, summed in
     float64 and rounded to float32; the group's first frame takes its second frame's score (as the official code
-    does); a one-frame group scores 0. NaN scores rank above every number. Within a group the highest scores are
-    kept; equal scores go to the lower index, so the CPU and CUDA kernels select the same tokens.
+    does); a one-frame group scores 0. NaN scores rank above every number and tie with each other, whatever
+    their sign. Within a group the highest scores are kept; equal scores go to the lower index, so the CPU and CUDA
+    kernels select the same tokens.
 
     Returns:
         ``indices`` int64 ``[B, K]`` into the flattened ``T * L`` tokens of each clip, ascending; with

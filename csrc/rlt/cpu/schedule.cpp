@@ -134,9 +134,11 @@ ScheduleChooser::Choice ScheduleChooser::pick() {
 }
 
 void ScheduleChooser::record(Schedule s, double ns_per_byte) {
+  // Threads record at once: a compare-exchange loop, so no thread's measurement overwrites another's unseen.
   std::atomic<double>& cost = cost_[s == Schedule::kMaskBeside ? 1 : 0];
-  const double old = cost.load();
-  cost.store(old == 0.0 ? ns_per_byte : 0.5 * (old + ns_per_byte));
+  double old = cost.load();
+  while (!cost.compare_exchange_weak(old, old == 0.0 ? ns_per_byte : 0.5 * (old + ns_per_byte))) {
+  }
 }
 
 }  // namespace vidfast::rlt::cpu
