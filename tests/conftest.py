@@ -1,4 +1,5 @@
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,9 @@ def run_portable(tmp_path, code, inputs, capability="default"):
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
     return torch.load(tmp_path / "result.pt", weights_only=True)
+
+
+def rss_mb() -> float:
+    """The process's resident set now (not its peak), for the tests that check memory stays flat."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20

@@ -3,20 +3,16 @@ backward). The suite makes 300 calls of each (after 30 to warm up) with a 5 MB b
 `VIDFAST_MEMORY_CALLS=10000` runs the figure docs/reliability.md reports."""
 
 import os
-import resource
 
 import pytest
 import torch
+
+from conftest import rss_mb
 
 from pyvidfast.ops import group_topk, rlt_mask, rlt_tokenize, varlen_attention
 
 CALLS = int(os.environ.get("VIDFAST_MEMORY_CALLS", "300"))
 BOUND_MB = 5
-
-
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def cases():

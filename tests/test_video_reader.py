@@ -3,7 +3,6 @@ metadata, sampling, bad input, memory, DataLoader workers, NVDEC."""
 
 import os
 import random
-import resource
 import shutil
 import subprocess
 import warnings
@@ -17,7 +16,7 @@ from av.video.reformatter import Interpolation
 
 import pyvidfast
 from pyvidfast.io import VideoDataset, VideoReader, decode_frames, sampling
-from conftest import DEVICES, requires_cuda_kernels
+from conftest import DEVICES, requires_cuda_kernels, rss_mb
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg CLI to make test videos"),
@@ -440,11 +439,6 @@ def test_truncated_file(tmp_path, made_videos):
     broken.write_bytes(plain[: len(plain) // 2])
     with pytest.raises(ValueError, match="path"):
         VideoReader(broken)
-
-
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def test_memory_does_not_grow(made_videos):
