@@ -66,10 +66,16 @@ def not_run(command: str, name: str) -> str:
             "fills this table._")
 
 
+# What a table says before its first run, where `python -m bench.NAME` is not what makes the run.
+NOT_RUN = {"gpu_check": "_No committed run yet: `bash bench/gpu_check.sh` on the GPU machine (see How to run it) "
+                        "writes `$OUT/gpu_check.json`; copied to `bench/results/`, `python -m bench.report` fills "
+                        "this table._"}
+
+
 def render_table(name: str, results_dir: Path) -> str:
     run = load_run(name, results_dir)
     if run is None:
-        return not_run(f"python -m bench.{name}", name)
+        return NOT_RUN.get(name) or not_run(f"python -m bench.{name}", name)
     if not isinstance(run.get("table"), str):
         raise ReportError(f"{results_dir / (name + '.json')}: no \"table\" key (a Markdown string); the benchmark "
                           f"that writes it must pass its table to bench.common.write_json")
