@@ -45,7 +45,7 @@ def caption(runs: dict[str, dict]) -> str:
     for name, run in runs.items():
         m = run.get("machine", {})
         where = (f"{m.get('cpu_model', m.get('cpu', 'unknown CPU'))}, {m.get('isa', 'unknown ISA')}, "
-                 f"{m.get('threads', '?')} threads, torch {m.get('torch', '?')}")
+                 f"{m.get('threads', '?')} thread{'' if m.get('threads') == 1 else 's'}, torch {m.get('torch', '?')}")
         if m.get("gpu"):
             where += f", GPU {m['gpu']}"
         groups.setdefault(where, []).append((name, m.get("date", "undated")))

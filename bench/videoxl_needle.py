@@ -9,7 +9,7 @@ inserts its needle image). Haystack lengths n have n + 1 a multiple of 4 (see
 ratios than it saw, and once more with the VST memory removed (the text then sees nothing of the video, so
 accuracy must fall to chance).
 
-    python -m bench.videoxl_needle [--steps 700] [--out bench/results]    # JSON + PNG heat map
+    python -m bench.videoxl_needle [--steps 1600] [--out bench/results]    # JSON + PNG heat map (~15 min, 1 thread)
 
 Results: ``bench/results/videoxl_needle.json`` (accuracy per depth x length x ratio, chance, the no-memory
 ablation, training curve, CPU) and ``videoxl_needle.png``.
@@ -186,17 +186,35 @@ def heat_map(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def needle_table(results: dict) -> str:
+    """Mean accuracy over the depths per haystack length x ratio, and the no-memory ablation (Markdown)."""
+    from bench.common import markdown_table
+
+    table, ablation = results["accuracy"], results["no_memory"]
+    ratios = list(table[next(iter(table))])
+    trained = results["train_lengths"][1]
+    rows = []
+    for length, cells in table.items():
+        removed = ablation.get(length, {}).get(ratios[-1])
+        rows.append([f"{length} ({int(length) / trained:.0f}x the longest trained)" if int(length) != trained
+                     else f"{length} (the longest trained)",
+                     *[f"{sum(c.values()) / len(c):.2f}" for c in cells.values()],
+                     f"{sum(removed.values()) / len(removed):.2f}" if removed else ""])
+    return markdown_table(["haystack frames", *[f"ratio {r}" for r in ratios],
+                           f"ratio {ratios[-1]}, VST memory removed"], rows)
+
+
 def main(argv=None) -> dict:
     from bench.common import machine
     from pyvidfast import samples as sample_clips
 
     p = argparse.ArgumentParser(prog="python -m bench.videoxl_needle", description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--steps", type=int, default=1600)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--train-lengths", type=int, nargs=2, default=[3, 23], help="haystack frames drawn in training")
-    p.add_argument("--lengths", type=int, nargs="+", default=[23, 47, 95],
-                   help="evaluated haystack frames (+1 needle frame: 24, 48, 96)")
+    p.add_argument("--train-lengths", type=int, nargs=2, default=[3, 47], help="haystack frames drawn in training")
+    p.add_argument("--lengths", type=int, nargs="+", default=[47, 95, 191],
+                   help="evaluated haystack frames (+1 needle frame: 48, 96, 192)")
     p.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8, 16], help="evaluated compression ratios")
     p.add_argument("--samples", type=int, default=32, help="haystacks per cell")
     p.add_argument("--threads", type=int, default=1)
@@ -209,7 +227,7 @@ def main(argv=None) -> dict:
     began = time.perf_counter()
     losses = train(model, pool, tokenizer, args.steps, args.batch, args.train_lengths, lr=args.lr, log_every=50)
     train_s = time.perf_counter() - began
-    results = {"cpu": machine(), "threads": args.threads, "steps": args.steps, "batch": args.batch,
+    results = {"machine": machine(), "threads": args.threads, "steps": args.steps, "batch": args.batch,
                "train_lengths": args.train_lengths, "train_ratios": [2, 4, 8], "train_s": round(train_s, 1),
                "chance": 1 / len(COLOURS), "samples_per_cell": args.samples,
                "loss_first_50": sum(losses[:50]) / min(50, len(losses)),
@@ -223,6 +241,7 @@ def main(argv=None) -> dict:
         f"accuracy_{longest}_frames_ratio_{largest}": sum(cell.values()) / len(cell),
         f"no_memory_{longest}_frames_ratio_{largest}": sum(results["no_memory"][str(longest)][str(largest)].values())
         / len(DEPTHS)}
+    results["table"] = needle_table(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "videoxl_needle.json").write_text(json.dumps(results, indent=1))
