@@ -185,10 +185,32 @@ class LocalMHRA(nn.Module):
         nn.init.zeros_(self.pos_embed[3].weight)
         nn.init.zeros_(self.pos_embed[3].bias)
 
-    def forward(self, video: Tensor, frames: tuple[int, ...]) -> Tensor:
+    def forward(self, patches: Tensor, frames: tuple[int, ...]) -> Tensor:
+        """Patch tokens [F, HW, C] -> their update [F, HW, C]. The same arithmetic as the official Conv3d stack on
+        [B, C, T, H, W], run on the tokens' own layout: BN over all positions, the 1x1x1 convs as matrix products
+        and the temporal conv as K shifted products (ATen's CPU Conv3d takes its slow im2col path for these, forward
+        and backward, at a fifth of the training step)."""
         norm, reduce, temporal, expand = self.pos_embed
-        # BN and the 1x1x1 convs act per position, so only the temporal conv needs the clip bounds.
-        return expand(clipwise(temporal, reduce(norm(video)), frames))
+        num, length, dim = patches.shape
+        flat = patches.reshape(num * length, dim)
+        x = norm(flat.view(*flat.shape, 1, 1, 1)).view_as(flat)  # BN3d statistics are over every position
+        x = F.linear(x, reduce.weight.flatten(1), reduce.bias).view(num, length, -1)
+        x = torch.cat([temporal_conv(temporal, part) for part in x.split(list(frames))]) \
+            if not _is_uniform(frames) else temporal_conv(temporal, x.view(len(frames), frames[0], length, -1))
+        return F.linear(x.reshape(num, length, -1), expand.weight.flatten(1), expand.bias)
+
+
+def temporal_conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
+    """A depthwise (K, 1, 1) Conv3d with zero padding K // 2 over the frames of one or more clips of equal length:
+    x [T, HW, C] or [B, T, HW, C] -> the same shape."""
+    size = conv.kernel_size[0]
+    t = x.shape[-3]
+    padded = F.pad(x, (0, 0, 0, 0, size // 2, size // 2))
+    weight = conv.weight.view(-1, size)
+    out = conv.bias + padded.narrow(-3, 0, t) * weight[:, 0]
+    for k in range(1, size):
+        out = out + padded.narrow(-3, k, t) * weight[:, k]
+    return out
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -211,9 +233,9 @@ class ResidualAttentionBlock(nn.Module):
 
     def _local(self, x: Tensor, lmhra: LocalMHRA, frames: tuple[int, ...]) -> Tensor:
         with nvtx_range("uniformerv2.local"):
-            video = to_video(x[:, 1:], frames)
-            video = video + self.drop_path(lmhra(video, frames))
-            return torch.cat([x[:, :1], from_video(video).to(x.dtype)], dim=1)
+            patches = x[:, 1:]
+            clips = len(frames) if _is_uniform(frames) else 1
+            return torch.cat([x[:, :1], self._residual(patches, lmhra(patches, frames).to(x.dtype), clips)], dim=1)
 
     def forward(self, x: Tensor, frames: tuple[int, ...]) -> Tensor:
         """x: tokens of every frame [F, 1 + HW, C]."""
