@@ -8,7 +8,7 @@ VIDFAST_CUDA_ARCHS ?= 8.0;9.0a
 APT_PACKAGES := pkg-config ffmpeg libavformat-dev libavcodec-dev libavutil-dev libswscale-dev libffmpeg-nvenc-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test build system venv samples bench clean sanitize fuzz
+.PHONY: demo test build system venv samples bench clean sanitize fuzz memory
 
 demo: build samples
 	$(PY) -m pyvidfast demo
@@ -63,6 +63,10 @@ sanitize: system venv samples
 SECONDS ?= 600
 fuzz: system venv
 	fuzz/run.sh $(SECONDS)
+
+# The ops' RSS check at 10,000 calls of every case (the suite makes 1,000 of the slow ones), each growth printed.
+memory: build
+	VIDFAST_MEMORY_CALLS=10000 $(PY) -m pytest tests/test_ops_memory.py -q -s
 
 clean:
 	rm -rf build pyvidfast/_C*.so

@@ -2,7 +2,8 @@
 in the reader, and seeds of many containers), and the structure-aware mutations of fuzz/make_corpus.py of a tiny
 MP4 (sample tables whose counts lie, offsets past the end, zero sizes, overflowing sums). Each file either gives
 frames or raises a clear error (ValueError / RuntimeError naming the problem); none may crash, hang or read out of
-bounds (`make sanitize` runs this file under ASan + UBSan)."""
+bounds (`make sanitize` runs this file under ASan + UBSan). Each is read by path and from bytes (the reader's
+memory input, which the libFuzzer target's memfd path does not reach), with the same outcome."""
 
 import importlib.util
 import shutil
@@ -29,13 +30,13 @@ def load_corpus_module():
     return module
 
 
-def read_or_raise_clearly(path):
-    """Opens `path` and decodes its first, middle and last frames; returns the frame count, or the error raised.
-    Anything but ValueError/RuntimeError (or a crash) fails the test."""
+def read_or_raise_clearly(path, from_bytes=False):
+    """Opens `path` (or its bytes) and decodes its first, middle and last frames; returns the frame count, or the
+    error raised. Anything but ValueError/RuntimeError (or a crash) fails the test."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a scan that stops early warns; that is a clear answer too
-            with VideoReader(path, threads=1) as r:
+            with VideoReader(path.read_bytes() if from_bytes else path, threads=1) as r:
                 n = len(r)
                 if n:
                     frames = r.get_frames(sorted({0, n // 2, n - 1}), size=(16, 16))
@@ -46,13 +47,21 @@ def read_or_raise_clearly(path):
         return e
 
 
+def outcome(path):
+    """The frame count or error type of `path`, the same by path and from bytes."""
+    by_path, by_bytes = (read_or_raise_clearly(path, from_bytes) for from_bytes in (False, True))
+    kinds = [type(x).__name__ if isinstance(x, Exception) else x for x in (by_path, by_bytes)]
+    assert kinds[0] == kinds[1], f"{path.name}: {by_path!r} by path, {by_bytes!r} from bytes"
+    return by_path
+
+
 def regression_files():
     return sorted(p for p in DATA.iterdir() if p.is_file() and p.name != "README.md") if DATA.is_dir() else []
 
 
 @pytest.mark.parametrize("path", regression_files(), ids=lambda p: p.name)
 def test_regression_file(path):
-    read_or_raise_clearly(path)
+    outcome(path)
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +85,8 @@ def test_mp4_sample_table_mutations(tiny_mp4, tmp_path):
     for label, data in mutations:
         path = tmp_path / f"{label}.mp4"
         path.write_bytes(data)
-        outcome = read_or_raise_clearly(path)
-        outcomes[label] = type(outcome).__name__ if isinstance(outcome, Exception) else outcome
+        result = outcome(path)
+        outcomes[label] = type(result).__name__ if isinstance(result, Exception) else result
     # Lies in the tables are caught (an error) or harmless (frames): at least the sizes that point past the file
     # must be refused rather than decoded.
     assert isinstance(outcomes["stsz_entry_huge"], str), outcomes

@@ -345,3 +345,14 @@ def test_rlt_mask_past_two_to_the_31_elements():
     assert torch.equal(keep, expected)
     expected_lengths = torch.stack([torch.where(expected[:, 1], 1, 2), expected[:, 1].int()], dim=1).int()
     assert torch.equal(lengths, expected_lengths)
+
+
+def test_varlen_attention_past_two_to_the_31_tokens_is_refused():
+    # cu_seqlens are int32: 2^31 query or key tokens (stride-0 views, no memory) are a ValueError, never a wrap.
+    many = torch.zeros(1, 1, 8).expand(2**31, 1, 8)
+    few = torch.zeros(4, 1, 8)
+    cu_many, cu_few = (torch.tensor([0, n], dtype=torch.int32) for n in (2**31 - 1, 4))
+    with pytest.raises(ValueError, match="at most 2\\^31 - 1 tokens"):
+        varlen_attention(many, few, few, cu_many, cu_few, 2**31 - 1, 4)
+    with pytest.raises(ValueError, match="at most 2\\^31 - 1 tokens"):
+        varlen_attention(few, many, many, cu_few, cu_many, 4, 2**31 - 1)

@@ -13,6 +13,9 @@ import torch
 import pyvidfast
 from pyvidfast.io import VideoReader
 
+from conftest import rss_mb
+from test_video_reader import reader_cycles
+
 pytestmark = [
     pytest.mark.skipif(not pyvidfast.build_info()["video_reader"], reason="pyvidfast was built without the reader"),
 ]
@@ -154,3 +157,14 @@ def test_byte_input_of_other_containers(tmp_path, sample_clips):
             idx = [70, 3, 31, len(r) - 1]
             assert len(r) == len(by_path)
             assert torch.equal(r.get_frames(idx), by_path.get_frames(idx)), suffix
+
+
+def test_memory_does_not_grow_with_file_objects(sample_clips):
+    # The file object kind of tests/test_video_reader.py's cycles by path and from bytes (there): its ctypes
+    # callbacks and AVIO context are made and freed on each open/close. 25 cycles per clip after 5 to warm up.
+    for name, path in sample_clips.items():
+        source = io.BytesIO(path.read_bytes())
+        reader_cycles(source, 5)
+        before = rss_mb()
+        reader_cycles(source, 25)
+        assert rss_mb() - before < 5, (name, rss_mb() - before)

@@ -2,10 +2,12 @@
 
 Crafted files made here: HLS playlists and ffconcat lists naming another local clip and a URL (served by a
 local socket that counts connections), a playlist named .mp4, a pattern for an image sequence, a data: URI; a
-YUV4MPEG file whose header claims a picture over the size limit."""
+YUV4MPEG file whose header claims a picture over the size limit; an MP4 sample over the packet size limit; a
+stream of packets that never give a frame."""
 
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 
@@ -133,3 +135,43 @@ def test_declared_size_over_the_limit_fails(tmp_path, size):
     big.write_bytes(data.replace(b"W32 H16 ", f"W{w} H{h} ".encode(), 1))
     with pytest.raises(ValueError, match="over the reader's limit"):
         VideoReader(big)
+
+
+def test_packet_over_the_limit_fails(tmp_path):
+    # An MP4 whose last sample claims 2^28 + 16 bytes (over the 2^28 cap) and whose file holds them (a sparse
+    # hole of zeros): a clear error naming the file, not a 256 MB picture sent to the decoder.
+    path = tmp_path / "clip.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=32x32:rate=25:duration=0.4", "-c:v", "mpeg4", "-movflags", "+faststart",
+           path)
+    data = bytearray(path.read_bytes())
+    stsz = data.find(b"stsz")
+    constant, count = struct.unpack(">II", data[stsz + 8:stsz + 16])
+    assert constant == 0 and count == 10
+    big = (1 << 28) + 16
+    data[stsz + 16 + 4 * (count - 1):stsz + 20 + 4 * (count - 1)] = struct.pack(">I", big)
+    lying = tmp_path / "huge_packet.mp4"
+    with open(lying, "wb") as f:
+        f.write(data)
+        f.truncate(len(data) + big)
+    with pytest.raises(ValueError, match=f"huge_packet.mp4' has a packet of {big} bytes, over the reader's limit"):
+        with VideoReader(lying) as r:
+            r.get_frames([count - 1])
+
+
+def test_decode_without_progress_stops(tmp_path):
+    # 4200 H.264 samples whose bytes are all zeros (the stream's parameter sets, in the sample description, are
+    # intact): every packet fails to decode and none gives a frame. The read stops after 4096 such packets with an
+    # error instead of going through the whole file.
+    path = tmp_path / "clip.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=16x16:rate=25", "-frames:v", 4200, "-c:v", "libx264", "-preset",
+           "ultrafast", "-g", 100000, "-pix_fmt", "yuv420p", path)
+    data = bytearray(path.read_bytes())
+    mdat = data.find(b"mdat")
+    size = struct.unpack(">I", data[mdat - 4:mdat])[0]
+    data[mdat + 4:mdat - 4 + size] = bytes(size - 8)
+    zeroed = tmp_path / "zeroed.mp4"
+    zeroed.write_bytes(data)
+    with VideoReader(zeroed) as r:
+        assert len(r) == 4200
+        with pytest.raises(RuntimeError, match="stopped making progress: 4096 packets gave no frame"):
+            r.get_frames([4199])

@@ -18,6 +18,7 @@ a full disk or a power cut leaves the previous checkpoint as the one ``--resume 
 import io
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -251,6 +252,44 @@ class ShardWriter(FileSystemWriter):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading
+# DCP reads its ``.metadata`` with plain ``pickle.load`` and its non-tensor items with
+# ``torch.load(weights_only=False)``, so a crafted checkpoint folder could run code when it is loaded. The reader
+# and planner below check each pickle with a restricted unpickler first, then let DCP read it as it does.
+
+_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_DCP_METADATA_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                         ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """Allows only what DCP writes into ``.metadata``: the classes of its metadata module, its file entries, torch
+    dtypes, ``torch.Size``, layouts by name and paths."""
+
+    def find_class(self, module, name):
+        if module in (_DCP_METADATA_MODULE, "torch") or (module, name) in _DCP_METADATA_GLOBALS:
+            found = super().find_class(module, name)
+            if ((module, name) in _DCP_METADATA_GLOBALS or isinstance(found, torch.dtype)
+                    or (module == _DCP_METADATA_MODULE and isinstance(found, type) and found.__module__ == module)):
+                return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a DCP .metadata file")
+
+
+class ShardReader(FileSystemReader):
+    """DCP's file reader, with ``.metadata`` checked by :class:`_DcpMetadataUnpickler` before DCP unpickles it."""
+
+    def read_metadata(self, *args, **kwargs):
+        with open(Path(self.path) / METADATA, "rb") as f:
+            _DcpMetadataUnpickler(f).load()
+        return super().read_metadata(*args, **kwargs)
+
+
+class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner, with each non-tensor item (``extra``) checked by ``torch.load(weights_only=True)`` first."""
+
+    def load_bytes(self, read_item, value):
+        torch.load(value, weights_only=True)
+        value.seek(0)
+        super().load_bytes(read_item, value)
 
 
 def load_checkpoint(path: Path, ctx: Context, model, optimizer, scheduler) -> int:
@@ -283,7 +322,7 @@ def check_sharded(folder: Path):
     if not (folder / METADATA).exists():
         raise CheckpointError(f"checkpoint: {folder / METADATA} is missing: {folder} is not a complete checkpoint")
     try:
-        metadata = FileSystemReader(folder).read_metadata()
+        metadata = ShardReader(folder).read_metadata()
     except Exception as error:
         raise CheckpointError(f"checkpoint: cannot read {folder / METADATA}: it is truncated or corrupt "
                               f"({type(error).__name__}: {error})") from error
@@ -306,7 +345,7 @@ def _load_sharded(folder: Path, ctx: Context, model, optimizer, scheduler) -> in
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state, "extra": b""}
     try:
-        dcp.load(state, checkpoint_id=folder)
+        dcp.load(state, storage_reader=ShardReader(folder), planner=WeightsOnlyLoadPlanner())
     except DCP_ERRORS as error:
         raise CheckpointError(f"checkpoint: cannot load {folder} into {type(model).__name__}: "
                               f"{type(error).__name__}: {error}") from error
@@ -332,7 +371,7 @@ def read_sharded(folder: Path, prefix: str = "model.") -> tuple[dict[str, torch.
     state = {**tensors, "extra": b""}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=folder, no_dist=True)
+        dcp.load(state, storage_reader=ShardReader(folder), planner=WeightsOnlyLoadPlanner(), no_dist=True)
     return {key.removeprefix(prefix): state[key] for key in tensors}, _from_bytes(state["extra"])
 
 
