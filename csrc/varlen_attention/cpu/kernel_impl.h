@@ -196,6 +196,15 @@ int64_t forward_block_rows(bool panels, int64_t lq) {
   return ceil_div(ceil_div(lq, blocks), kStripRows) * kStripRows;
 }
 
+// Keys per block of a forward task, likewise cut into equal blocks of whole 16-key panels on the panel path (1568
+// keys: 4 x 400 rather than 3 x 512 + 32, a block that would pay the packing and the softmax rescaling of every
+// strip for 32 keys).
+int64_t forward_key_block(bool panels, int64_t keys) {
+  if (!panels) return kBlockK;
+  const int64_t blocks = std::max<int64_t>(1, ceil_div(keys, kBlockK));
+  return ceil_div(ceil_div(keys, blocks), 16) * 16;
+}
+
 // Scores of one tile, S = scale Q K^T (rows x n, row stride kBlockK), each row's keys past its causal end zeroed;
 // then row_fn(r, row, valid) with the number of keys row r sees in this tile. The forward and backward passes both
 // come through here, so the backward recomputes exactly the forward's scores: from K^T packed in `k_panels` when
@@ -283,9 +292,9 @@ void forward_typed(const Params& p, const at::Tensor& q, const at::Tensor& k, co
       std::fill(row_max.begin(), row_max.end(), -INFINITY);
       std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
       std::fill(acc.begin(), acc.begin() + rows * d, acc_t(0));
-      const int64_t keys = key_end(i0 + rows - 1, s.lq, s.lk, p.causal);
-      for (int64_t kb = 0; kb < keys; kb += kBlockK) {
-        const int64_t n = std::min(kBlockK, keys - kb);
+      const int64_t keys = key_end(i0 + rows - 1, s.lq, s.lk, p.causal), key_block = forward_key_block(panels, keys);
+      for (int64_t kb = 0; kb < keys; kb += key_block) {
+        const int64_t n = std::min(key_block, keys - kb);
         const scalar_t* k_rows = k_ptr + (s.k0 + kb) * ks0 + hk * ks1;
         const scalar_t* v_rows = v_ptr + (s.k0 + kb) * vs0 + hk * vs1;
         HalfTile<scalar_t> k16{nullptr, ks0};
