@@ -121,6 +121,18 @@ def test_grouped_query_and_head_dims(device, dtype, causal, head_dim):
     check_against_reference(q, k, v, cu_q, cu_k, causal)
 
 
+# The AVX2 path's micro-kernels are compiled for head dims 64 and 128, others (40) take the generic loop; 1 and 13
+# leave partial strips and panels, and the forward cuts 1567 queries into four equal blocks of whole strips.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [40, 64, 128])
+def test_odd_lengths_and_compiled_head_dims(device, dtype, causal, head_dim):
+    q, k, v, cu_q, cu_k = random_inputs([1, 13, 1567], [1, 13, 1567], heads=2, kv_heads=1, head_dim=head_dim,
+                                        dtype=dtype, device=device)
+    check_against_reference(q, k, v, cu_q, cu_k, causal)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
@@ -141,7 +153,7 @@ def test_negative_scale_and_large_scores(device):
 
 # The reference tests above, run again in a fresh process per CPU path: the path is chosen once per process. (The
 # -k expression leaves this test out, or each run would start another.)
-REFERENCE_TESTS = "matches_reference or grouped_query or different_query"
+REFERENCE_TESTS = "matches_reference or grouped_query or odd_lengths or different_query"
 PRINT_PATH = "from pyvidfast.ops.varlen_attention import cpu_path; print(cpu_path())"
 
 

@@ -92,6 +92,7 @@ void micro_tile(int64_t k, const float* a, int64_t a_row, int64_t a_col, const f
   __m256 acc[R][2];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+#pragma GCC unroll 8
   for (int64_t x = 0; x < k; ++x) {
     const __m256 b0 = _mm256_loadu_ps(panel + x * kPanel), b1 = _mm256_loadu_ps(panel + x * kPanel + 8);
     const float* ax = a + x * a_col;
@@ -154,6 +155,24 @@ inline void gemm_panels(bool trans_a, int64_t m, int64_t n, int64_t k, float alp
   } else {
     for (int64_t i0 = 0; i0 < m; i0 += kMicroRows) {
       for (int64_t j0 = 0; j0 < n; j0 += kPanel) tile(i0, j0);
+    }
+  }
+}
+
+// C[m, n] += A B for a row-major A [m, k] (lda) and B [k, n] in `panels` (the forward's P V), the inner dimension
+// in chunks of kc: a chunk of a panel (kc x 16 floats) comes from L2 once and serves every row block of A from L1,
+// where whole panels (k x 16) would be read from L2 once per row block. Measured 4-5% faster forwards on Zen 3
+// (kc = 128, 512 keys, 12 rows); each chunk adds a load and store of C.
+inline void gemm_panels_accumulate_chunked(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                                           const float* panels, float* c, int64_t ldc, int64_t kc) {
+  for (int64_t x0 = 0; x0 < k; x0 += kc) {
+    const int64_t chunk_k = std::min(kc, k - x0);
+    for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+      const float* chunk = panels + j0 * k + x0 * kPanel;
+      for (int64_t i0 = 0; i0 < m; i0 += kMicroRows) {
+        micro_tile_rows(int(std::min<int64_t>(kMicroRows, m - i0)), chunk_k, a + i0 * lda + x0, lda, 1, chunk, 1.0f,
+                        true, c + i0 * ldc + j0, ldc, std::min<int64_t>(kPanel, n - j0));
+      }
     }
   }
 }
