@@ -13,13 +13,15 @@ FluxViT-B: clips of ``--flux-frames`` x ``--flux-size``^2 (patch 14, no tubelet:
 flexi-sampling pinned to that one setting), one run per budget b of ``--flux-budgets``: the official multi-budget
 step (``multi_budget_loss``) with every head at b, so the step costs three passes of b tokens. The default budgets
 are the family's ``HEAD_BUDGETS`` (3072, 2048, 1024), scaled down in proportion when the clip holds fewer tokens
-than the largest one (the CPU default: 8 x 112^2 = 512 tokens -> 512, 341, 170).
+than the largest one (the CPU default: 8 x 56^2 = 128 tokens -> 128, 85, 42, so a step of the largest budget holds
+384 tokens a clip against dense ViT-B's 196).
 
-The default is sized for a 2-core CPU (8 frames at 112 px, batch 4, 5 steps, 2 rounds); on a GPU give the
-published shape: ``--frames 16 --size 224 --batch 32 --flux-frames 16 --flux-size 224``.
+The default is sized for a 2-core CPU (8 frames at 112 px, batch 4, 5 steps, 2 rounds; ``--steps 3 --rounds 1`` is a
+quick check); on a GPU give the published shape: ``--frames 16 --size 224 --batch 32 --flux-frames 16
+--flux-size 224``.
 
     python -m bench.train [--frames 8] [--size 112] [--batch 4] [--steps 5] [--rounds 2] [--workers 2]
-                          [--flux-frames 8] [--flux-size 112] [--flux-budgets B ...] [--no-flux] [--device cpu|cuda]
+                          [--flux-frames 8] [--flux-size 56] [--flux-budgets B ...] [--no-flux] [--device cpu|cuda]
 """
 
 import argparse
@@ -106,7 +108,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--flux-model", default="fluxvit_base_patch14")
     parser.add_argument("--flux-frames", type=int, default=8)
-    parser.add_argument("--flux-size", type=int, default=112)
+    parser.add_argument("--flux-size", type=int, default=56)
     parser.add_argument("--flux-budgets", type=int, nargs="+", default=None,
                         help="default: HEAD_BUDGETS, scaled to the clip's tokens when it holds fewer")
     parser.add_argument("--no-flux", action="store_true", help="only VideoMAE V2 dense and --rlt")
