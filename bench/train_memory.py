@@ -32,7 +32,6 @@ noisy: compare within one run; figures come from a quiet machine.
 import argparse
 import copy
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -46,7 +45,7 @@ from bench.train import run_training, sample_list
 from pyvidfast import samples
 from pyvidfast.train.__main__ import parse_args
 from pyvidfast.train.data import collate
-from pyvidfast.train.distributed import block_units, checkpoint_activations
+from pyvidfast.train.distributed import checkpoint_activations
 from pyvidfast.train.loop import train_step
 from pyvidfast.train.tasks import get_task
 
@@ -170,7 +169,6 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     kwargs = {"num_frames": args.frames, "img_size": args.size, "depth": args.depth,
               "num_classes": len(samples.CLIPS)}
     with tempfile.TemporaryDirectory() as tmp:
