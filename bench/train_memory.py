@@ -21,12 +21,14 @@ the real sample clips.
 Targets (issue 15): FSDP2 at 2 ranks holds <= 0.6x DDP's per-rank state; AC cuts activation memory (``saved_mb``)
 >= 3x at <= 1.4x step time. With AC a block keeps only its input (one of the ~16 tensors of that size it keeps
 without), so the saved ratio hardly depends on the depth; the step peak also holds the gradients and transients
-outside the blocks (the patch embedding's backward), which AC does not touch. The defaults (ViT-L width, 4 layers,
+outside the blocks, which AC does not touch: at 784 tokens a ViT-L block's activations (49 MiB) weigh as much as its
+gradients (50 MiB), so the backward frees as much as it allocates and the peak stays where the gradients put it;
+with ``--frames 16`` (1568 tokens) the activations dominate and the peak falls too. The defaults (ViT-L width, 4 layers,
 1 clip of 8 x 224^2 = 784 tokens per rank) take a few minutes on 2 cores. Step times on a shared machine are
 noisy: compare within one run; figures come from a quiet machine.
 
     python -m bench.train_memory [--model videomae_vit_large_patch16_224] [--depth 4] [--frames 8] [--size 224]
-                                 [--batch 1] [--rounds 3] [--nproc 2] [--steps 3] [--skip-ranks] [--device cpu|cuda]
+                                 [--batch 1] [--rounds 5] [--nproc 2] [--steps 3] [--skip-ranks] [--device cpu|cuda]
 """
 
 import argparse
@@ -162,7 +164,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=1, help="clips per rank")
-    parser.add_argument("--rounds", type=int, default=3, help="AC: timed steps of each variant, alternating")
+    parser.add_argument("--rounds", type=int, default=5, help="AC: timed steps of each variant, alternating")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="DDP / FSDP2: steps of each run")
     parser.add_argument("--skip-ranks", action="store_true", help="only the activation checkpointing comparison")
