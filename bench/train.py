@@ -1,18 +1,27 @@
 """Training throughput through the real loop (``python -m pyvidfast.train``), loading included: VideoMAE V2 ViT-B
-fine-tuning on the sample clips, dense against ``--rlt``.
+fine-tuning on the sample clips, dense against ``--rlt``, and FluxViT-B fine-tuning (``finetune --flux``) at each
+token budget.
 
 Each variant is a training run of ``--steps`` steps with ``--workers`` loader processes; from its
 ``metrics.jsonl`` (steps after the first, which warms up): clips/s end to end (clips / (time waiting for the loader
 + step time)) and clips/s of the model step alone (clips / step time). End to end well below the step alone means
 the data pipeline starves the model. The variants alternate over ``--rounds`` rounds, so load changes on a shared
-machine hit both; the RLT speed-up is the median of the per-round ratios. Step times on a shared machine are
+machine hit all of them; the RLT speed-up is the median of the per-round ratios. Step times on a shared machine are
 noisy: compare within one run, and rerun on a quiet machine for figures.
 
-The default is sized for a 2-core CPU (8 frames at 112 px, batch 4, 5 steps, 2 rounds: a few minutes); on a GPU
-give the published shape: ``--frames 16 --size 224 --batch 32``.
+FluxViT-B: clips of ``--flux-frames`` x ``--flux-size``^2 (patch 14, no tubelet: frames x (size / 14)^2 tokens;
+flexi-sampling pinned to that one setting), one run per budget b of ``--flux-budgets``: the official multi-budget
+step (``multi_budget_loss``) with every head at b, so the step costs three passes of b tokens. The default budgets
+are the family's ``HEAD_BUDGETS`` (3072, 2048, 1024), scaled down in proportion when the clip holds fewer tokens
+than the largest one (the CPU default: 8 x 56^2 = 128 tokens -> 128, 85, 42, so a step of the largest budget holds
+384 tokens a clip against dense ViT-B's 196).
+
+The default is sized for a 2-core CPU (8 frames at 112 px, batch 4, 5 steps, 2 rounds; ``--steps 3 --rounds 1`` is a
+quick check); on a GPU give the published shape: ``--frames 16 --size 224 --batch 32 --flux-frames 16
+--flux-size 224``.
 
     python -m bench.train [--frames 8] [--size 112] [--batch 4] [--steps 5] [--rounds 2] [--workers 2]
-                          [--device cpu|cuda]
+                          [--flux-frames 8] [--flux-size 56] [--flux-budgets B ...] [--no-flux] [--device cpu|cuda]
 """
 
 import argparse
@@ -26,6 +35,7 @@ from pathlib import Path
 
 from bench.common import markdown_table, write_json
 from pyvidfast import samples
+from pyvidfast.models.fluxvit import HEAD_BUDGETS
 from pyvidfast.train.loop import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +74,29 @@ def throughput(records: list[dict]) -> dict:
             "max_memory_mb": steady[-1]["max_memory_mb"], "steps": len(steady)}
 
 
+def flux_budgets(frames: int, size: int, budgets: list[int] | None) -> list[int]:
+    """``budgets``, or HEAD_BUDGETS scaled down in proportion when a clip holds fewer tokens than the largest."""
+    if budgets:
+        return budgets
+    scale = min(1.0, frames * (size // 14) ** 2 / HEAD_BUDGETS[0])
+    return [int(b * scale) for b in HEAD_BUDGETS]
+
+
+def variant_argv(variant: str, args, listing: Path, out: Path) -> list[str]:
+    """The command line of one variant: ``dense``, ``rlt`` (VideoMAE V2) or ``flux-B`` (FluxViT, budget B)."""
+    common = ["--list", str(listing), "--out", str(out), "--steps", str(args.steps), "--batch-size", str(args.batch),
+              "--workers", str(args.workers), "--device", args.device, "--quiet", "--save-every", "1000000"]
+    if variant.startswith("flux-"):
+        kwargs = {"num_frames": args.flux_frames, "img_size": args.flux_size, "num_classes": len(samples.CLIPS)}
+        budget = variant.split("-")[1]
+        return ["finetune", "--flux", *common, "--model", args.flux_model, "--model-kwargs", json.dumps(kwargs),
+                "--flexi-frames", str(args.flux_frames), "--flexi-resolutions", str(args.flux_size),
+                "--min-tokens", "0", "--max-tokens", str(10**9), "--budgets", budget, budget, budget]
+    kwargs = {"num_frames": args.frames, "img_size": args.size, "num_classes": len(samples.CLIPS)}
+    return ["finetune", *common, "--model", args.model, "--model-kwargs", json.dumps(kwargs),
+            *(["--rlt"] if variant == "rlt" else [])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="videomae_vit_base_patch16_224")
@@ -73,19 +106,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--flux-model", default="fluxvit_base_patch14")
+    parser.add_argument("--flux-frames", type=int, default=8)
+    parser.add_argument("--flux-size", type=int, default=56)
+    parser.add_argument("--flux-budgets", type=int, nargs="+", default=None,
+                        help="default: HEAD_BUDGETS, scaled to the clip's tokens when it holds fewer")
+    parser.add_argument("--no-flux", action="store_true", help="only VideoMAE V2 dense and --rlt")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    kwargs = json.dumps({"num_frames": args.frames, "img_size": args.size, "num_classes": len(samples.CLIPS)})
-    runs: dict[str, list[dict]] = {"dense": [], "rlt": []}
+    args.flux_budgets = [] if args.no_flux else flux_budgets(args.flux_frames, args.flux_size, args.flux_budgets)
+    runs: dict[str, list[dict]] = {"dense": [], "rlt": [], **{f"flux-{b}": [] for b in args.flux_budgets}}
     with tempfile.TemporaryDirectory() as tmp:
         listing = sample_list(Path(tmp))
         for round_ in range(args.rounds):
             for variant in runs:
-                out = Path(tmp) / f"{variant}{round_}"
-                argv = ["finetune", "--list", str(listing), "--out", str(out), "--model", args.model, "--model-kwargs",
-                        kwargs, "--steps", str(args.steps), "--batch-size", str(args.batch), "--workers",
-                        str(args.workers), "--device", args.device, "--quiet", "--save-every", "1000000",
-                        *(["--rlt"] if variant == "rlt" else [])]
+                argv = variant_argv(variant, args, listing, Path(tmp) / f"{variant}{round_}")
                 runs[variant].append(throughput(run_training(argv)))
                 print(variant, round_, runs[variant][-1], flush=True)
     summary = {variant: {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
@@ -94,13 +129,20 @@ def main() -> None:
                                 for r, d in zip(runs["rlt"], runs["dense"]))
     step_speedup = statistics.median(r["step_clips_per_s"] / d["step_clips_per_s"]
                                      for r, d in zip(runs["rlt"], runs["dense"]))
-    rows = [[variant, s["end_to_end_clips_per_s"], s["step_clips_per_s"], s["data_s"], s["step_s"], s["max_memory_mb"]]
+    names = {"dense": f"VideoMAE V2 ViT-B dense, {args.frames} x {args.size}^2",
+             "rlt": f"VideoMAE V2 ViT-B --rlt, {args.frames} x {args.size}^2",
+             **{f"flux-{b}": f"FluxViT-B budget {b} (3 heads), {args.flux_frames} x {args.flux_size}^2"
+                for b in args.flux_budgets}}
+    rows = [[names[variant], s["end_to_end_clips_per_s"], s["step_clips_per_s"],
+             s["end_to_end_clips_per_s"] / s["step_clips_per_s"], s["data_s"], s["step_s"], s["max_memory_mb"]]
             for variant, s in summary.items()]
-    print(markdown_table(["variant", "clips/s end to end", "clips/s step alone", "data wait s", "step s",
-                          "peak RSS MiB"], rows))
-    print(f"RLT / dense clips/s: end to end {speedup:.2f}x, step alone {step_speedup:.2f}x (target >= 1.3x)")
+    table = (markdown_table(["variant", "clips/s end to end", "clips/s step alone", "end to end / step",
+                             "data wait s", "step s", "peak RSS MiB"], rows)
+             + f"\n\nBatch {args.batch}, {args.workers} loader workers. RLT / dense clips/s: end to end "
+               f"{speedup:.2f}x, step alone {step_speedup:.2f}x (target >= 1.3x).")
+    print(table)
     path = write_json("train", {"config": vars(args), "runs": runs, "summary": summary,
-                                "rlt_speedup_end_to_end": speedup, "rlt_speedup_step": step_speedup,
+                                "rlt_speedup_end_to_end": speedup, "rlt_speedup_step": step_speedup, "table": table,
                                 "note": "step times on a shared machine are noisy; rerun on a quiet one"})
     print(f"wrote {path}")
 

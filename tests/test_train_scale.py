@@ -201,6 +201,32 @@ def test_activation_checkpointing_gives_the_same_gradients(video_list, tmp_path,
     assert set(checkpointed.state_dict()) == set(task.state_dict())  # checkpoint names unchanged
 
 
+def test_activation_memory_sees_what_checkpointing_keeps(video_list):
+    """bench.train_memory's allocator count (torch.profiler memory events) on a tiny ViT at depth 2 and 4: each
+    block adds its full activations without checkpointing (about 16 tensors of the block input's size: norms, qkv,
+    attention, MLP hidden) and exactly its input plus the saved RNG state with it."""
+    from bench.train_memory import activation_memory, finetune_task
+
+    cpu = torch.device("cpu")
+    saved = {}
+    for depth in (2, 4):
+        kwargs = {**TINY_VIT, "img_size": 64, "embed_dim": 64, "depth": depth}  # 32 tokens a clip
+        task = finetune_task("videomae_vit_small_patch16_224", kwargs, video_list, cpu)
+        batch = collate([task.dataset[(i, 1000 + i)] for i in range(2)])
+        plain = activation_memory(task, batch, cpu)
+        checkpoint_activations(task.model)
+        checkpointed = activation_memory(task, batch, cpu)
+        assert plain["grad_mb"] == checkpointed["grad_mb"] > 0
+        assert checkpointed["peak_mb"] <= plain["peak_mb"]
+        saved[depth] = plain["saved_mb"] * 2**20, checkpointed["saved_mb"] * 2**20
+    block_input = 2 * 32 * 64 * 4  # [B, N, D] float32
+    per_block_plain = (saved[4][0] - saved[2][0]) / 2
+    per_block_checkpointed = (saved[4][1] - saved[2][1]) / 2
+    assert per_block_checkpointed == block_input + torch.get_rng_state().numel()
+    assert 12 * block_input < per_block_plain < 20 * block_input, per_block_plain / block_input
+    assert saved[4][0] > 3 * saved[4][1] and saved[4][0] > 1.8 * saved[2][0]
+
+
 def test_units_of_every_family():
     with torch.device("meta"):
         vit = create_model("videomae_vit_small_patch16_224", **TINY_VIT)
