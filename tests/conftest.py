@@ -83,3 +83,13 @@ def rss_mb() -> float:
     """The process's resident set now (not its peak), for the tests that check memory stays flat."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+@pytest.fixture
+def two_threads():
+    """For the tests that count GOP-parallel decoders: the reader runs at most torch's thread count of them, which
+    OMP_NUM_THREADS=1 (or a 1-core machine) makes 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield
+    torch.set_num_threads(before)

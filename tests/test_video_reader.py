@@ -112,6 +112,7 @@ def test_generated_frames_equal_sequential_decode(made_videos, name):
             assert list(r.metadata.keyframes) == pyav_keyframes(path)
 
 
+@pytest.mark.usefixtures("two_threads")
 def test_real_clips_equal_sequential_decode(sample_clips):
     rng = random.Random(0)
     for name, path in sample_clips.items():
@@ -139,6 +140,7 @@ def test_real_clips_equal_sequential_decode(sample_clips):
         assert (got.int() - ref[late].int()).abs().float().mean() < 0.01, name
 
 
+@pytest.mark.usefixtures("two_threads")
 def test_parallel_plan(made_videos, sample_clips):
     # Runs (targets sharing a seek point) are split over single-threaded decoders when the split is balanced;
     # H.264 (frame threads) takes one decoder with FFmpeg's threads when it is not; MS-MPEG-4 (no frame threads)
@@ -295,6 +297,7 @@ def test_sample_index_listing_equals_packet_scan(made_videos, mp4_variants, samp
         assert len(r.metadata.keyframes) > 1 and r._reader._seek_frames() == [0]
 
 
+@pytest.mark.usefixtures("two_threads")
 @pytest.mark.parametrize("name", ["cut_edit_list", "vfr", "hevc", "mpeg4", "with_audio"])
 def test_indexed_mp4_frames_equal_sequential_decode(mp4_variants, name):
     path = mp4_variants[name]

@@ -75,6 +75,7 @@ def test_byte_input_equals_path_on_sample_clips(sample_clips):
                 assert source.reads > 0
 
 
+@pytest.mark.usefixtures("two_threads")
 def test_file_object_read_from_several_decoders(sample_clips):
     # GOP-parallel decoders each read the one file object (through ctypes callbacks taking the GIL, one at a
     # time): frames stay exact.
