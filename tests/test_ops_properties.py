@@ -352,7 +352,7 @@ def test_varlen_attention_past_two_to_the_31_tokens_is_refused():
     many = torch.zeros(1, 1, 8).expand(2**31, 1, 8)
     few = torch.zeros(4, 1, 8)
     cu_many, cu_few = (torch.tensor([0, n], dtype=torch.int32) for n in (2**31 - 1, 4))
-    with pytest.raises(ValueError, match="at most 2\\^31 - 1 tokens"):
+    with pytest.raises(ValueError, match="^q: at most 2\\^31 - 1 tokens"):
         varlen_attention(many, few, few, cu_many, cu_few, 2**31 - 1, 4)
-    with pytest.raises(ValueError, match="at most 2\\^31 - 1 tokens"):
+    with pytest.raises(ValueError, match="^k: at most 2\\^31 - 1 tokens"):
         varlen_attention(few, many, many, cu_few, cu_many, 4, 2**31 - 1)

@@ -79,7 +79,8 @@ Params check_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   VIDFAST_CHECK_VALUE(max_seqlen_q >= 0, "max_seqlen_q: expected a non-negative integer; got ", max_seqlen_q);
   VIDFAST_CHECK_VALUE(max_seqlen_k >= 0, "max_seqlen_k: expected a non-negative integer; got ", max_seqlen_k);
   VIDFAST_CHECK_VALUE(std::isfinite(softmax_scale), "softmax_scale: expected a finite number; got ", softmax_scale);
-  VIDFAST_CHECK_VALUE(q.size(0) <= INT32_MAX && k.size(0) <= INT32_MAX, "q: at most 2^31 - 1 tokens are supported");
+  VIDFAST_CHECK_VALUE(q.size(0) <= INT32_MAX, "q: at most 2^31 - 1 tokens are supported (cu_seqlens are int32)");
+  VIDFAST_CHECK_VALUE(k.size(0) <= INT32_MAX, "k: at most 2^31 - 1 tokens are supported (cu_seqlens are int32)");
   if (q.device().is_cpu()) {
     check_cu_seqlens_values(cu_seqlens_q, q.size(0), max_seqlen_q, "cu_seqlens_q", "max_seqlen_q");
     check_cu_seqlens_values(cu_seqlens_k, k.size(0), max_seqlen_k, "cu_seqlens_k", "max_seqlen_k");
