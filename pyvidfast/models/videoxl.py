@@ -143,15 +143,15 @@ class BeaconAttention(Qwen2Attention):
         self.beacon_k_proj = nn.Linear(config.hidden_size, self.k_proj.out_features, bias=True)
         self.beacon_v_proj = nn.Linear(config.hidden_size, self.v_proj.out_features, bias=True)
 
-    def project(self, x: Tensor, rows: "RowSplit | None") -> tuple[Tensor, Tensor, Tensor]:
-        """Pre-RoPE q ``[N, H, D]``, k, v ``[N, Hkv, D]``; VST rows (``rows``) go through the beacon projections."""
-        if rows is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            raw, vst = x[rows.raw], x[rows.vst]
-            q, k, v = (torch.cat([base(raw), beacon(vst)])[rows.order] for base, beacon in (
-                (self.q_proj, self.beacon_q_proj), (self.k_proj, self.beacon_k_proj),
-                (self.v_proj, self.beacon_v_proj)))
+    def project(self, x: Tensor, vst_rows: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Pre-RoPE q ``[N, H, D]``, k, v ``[N, Hkv, D]``; the rows ``vst_rows`` (VSTs) come from the beacon
+        projections. Every row goes through the ordinary ones first (1 in r + 1 rows in vain, but one GEMM over
+        the packed rows instead of gathering the raw rows apart and restoring their order)."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if vst_rows is not None:
+            vst = x[vst_rows]
+            for out, beacon in ((q, self.beacon_q_proj), (k, self.beacon_k_proj), (v, self.beacon_v_proj)):
+                out.index_copy_(0, vst_rows, beacon(vst))  # in place: a linear layer's backward needs no output
         return (q.view(len(x), -1, self.head_dim), k.view(len(x), -1, self.head_dim),
                 v.view(len(x), -1, self.head_dim))
 
@@ -161,9 +161,10 @@ class StepLayout:
     """What every layer of one step shares: the VST rows, where each key goes, which keys stay, RoPE tables and
     the packed lengths of the queries and keys."""
 
-    rows: "RowSplit | None"
-    key_order: Tensor  # cat([memory rows, current rows])[key_order]: each sample's memory, then its current rows
-    keep_rows: Tensor  # the rows of the ordered keys the memory keeps after the step
+    vst_rows: Tensor | None
+    key_order: Tensor | None  # cat([memory rows, current rows])[key_order]: each sample's memory, then its
+    # current rows (None: already in that order, as with one sample)
+    keep_rows: Tensor | None  # the rows of the ordered keys the memory keeps after the step (None: all)
     cos_q: Tensor
     sin_q: Tensor
     cos_k: Tensor
@@ -193,15 +194,18 @@ class BeaconDecoderLayer(Qwen2DecoderLayer):
         if layout is None:
             return super().forward(h, **hf_kwargs)
         attn = self.self_attn
-        q, k, v = attn.project(self.input_layernorm(h), layout.rows)
-        keys = torch.cat([past_keys, k])[layout.key_order]
-        values = torch.cat([past_values, v])[layout.key_order]
+        q, k, v = attn.project(self.input_layernorm(h), layout.vst_rows)
+        keys, values = torch.cat([past_keys, k]), torch.cat([past_values, v])
+        if layout.key_order is not None:
+            keys, values = keys[layout.key_order], values[layout.key_order]
         q = q * layout.cos_q + rotate_half(q) * layout.sin_q
         rotated = keys * layout.cos_k + rotate_half(keys) * layout.sin_k
         out = varlen_attention(q, rotated, values, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k,
                                softmax_scale=attn.scaling, causal=True)
         h = h + attn.o_proj(out.reshape(len(h), -1))
         h = h + self.mlp(self.post_attention_layernorm(h))
+        if layout.keep_rows is None:
+            return h, keys, values
         return h, keys[layout.keep_rows], values[layout.keep_rows]
 
 
@@ -234,22 +238,6 @@ class CLIPTower(nn.Module):
 
 
 @dataclass
-class RowSplit:
-    """Packed rows of one step split into raw and VST rows; ``cat([raw rows, VST rows])[order]`` restores them."""
-
-    raw: Tensor
-    vst: Tensor
-    order: Tensor
-
-    @classmethod
-    def from_mask(cls, is_vst: Tensor) -> "RowSplit | None":
-        if not bool(is_vst.any()):
-            return None
-        raw, vst = (~is_vst).nonzero().squeeze(1), is_vst.nonzero().squeeze(1)
-        return cls(raw, vst, torch.argsort(torch.cat([raw, vst])))
-
-
-@dataclass
 class Memory:
     """The keys and values kept between steps, per layer, before RoPE, packed by sample: sample ``b`` owns
     ``lengths[b]`` rows, in pool order sink (the prompt before the video), VSTs, then raw text (the prompt after
@@ -260,6 +248,7 @@ class Memory:
     sink: list[int]
     vst: list[int]
     text: list[int]
+    rope: tuple[Tensor, Tensor] | None = None  # cos, sin [positions, 1, D] of the positions used so far
 
     @classmethod
     def empty(cls, num_layers: int, batch: int, kv_heads: int, head_dim: int, like: Tensor) -> "Memory":
@@ -414,7 +403,9 @@ class VideoXL(Qwen2ForCausalLM):
         mem_start, cur_start, key_start, total_mem = 0, 0, 0, sum(mem_lengths)
         kept = []
         keep_host = None if keep is None else keep.cpu()  # one device sync per step
+        in_order, current_seen = True, False  # is cat([memory, current]) already ordered by sample?
         for m, c in zip(mem_lengths, lengths):
+            in_order, current_seen = in_order and not (m and current_seen), current_seen or c > 0
             key_order += [torch.arange(mem_start, mem_start + m), total_mem + torch.arange(cur_start, cur_start + c)]
             kept_here = torch.arange(c) if keep is None else keep_host[cur_start:cur_start + c].nonzero().squeeze(1)
             keep_rows += [torch.arange(key_start, key_start + m), key_start + m + kept_here]
@@ -422,20 +413,17 @@ class VideoXL(Qwen2ForCausalLM):
             pos_k.append(torch.arange(m + c))
             pos_q.append(torch.arange(m, m + c))
             mem_start, cur_start, key_start = mem_start + m, cur_start + c, key_start + m + c
-        key_order = torch.cat(key_order).to(device)
-        keep_rows = torch.cat(keep_rows).to(device)
-        key_lengths = torch.tensor([m + c for m, c in zip(mem_lengths, lengths)])
+        key_order = None if in_order else torch.cat(key_order).to(device)
+        keep_rows = None if keep is None else torch.cat(keep_rows).to(device)
+        key_lengths = [m + c for m, c in zip(mem_lengths, lengths)]
         cu_q = F.pad(torch.tensor(list(lengths)).cumsum(0), (1, 0)).to(device, torch.int32)
-        cu_k = F.pad(key_lengths.cumsum(0), (1, 0)).to(device, torch.int32)
-        max_q, max_k = max(lengths, default=0), int(key_lengths.max()) if len(key_lengths) else 0
-        pos_k = torch.cat(pos_k).to(device)
-        cos_k, sin_k = self.model.rotary_emb(embeds, pos_k[None])
-        cos_k, sin_k = cos_k[0, :, None], sin_k[0, :, None]
-        cur_keys = torch.cat(pos_q).to(device) if len(pos_q) else pos_k[:0]
-        cos_q, sin_q = self.model.rotary_emb(embeds, cur_keys[None])
-        cos_q, sin_q = cos_q[0, :, None], sin_q[0, :, None]
-        rows = RowSplit.from_mask(is_vst) if is_vst is not None else None
-        layout = StepLayout(rows, key_order, keep_rows, cos_q, sin_q, cos_k, sin_k, cu_q, cu_k, max_q, max_k)
+        cu_k = F.pad(torch.tensor(key_lengths).cumsum(0), (1, 0)).to(device, torch.int32)
+        max_q, max_k = max(lengths, default=0), max(key_lengths, default=0)
+        cos, sin = self._rope_table(memory, max_k, embeds)
+        pos_k, pos_q = torch.cat(pos_k).to(device), torch.cat(pos_q).to(device)
+        vst_rows = None if is_vst is None or not bool(is_vst.any()) else is_vst.nonzero().squeeze(1)
+        layout = StepLayout(vst_rows, key_order, keep_rows, cos[pos_q], sin[pos_q], cos[pos_k], sin[pos_k], cu_q,
+                            cu_k, max_q, max_k)
 
         h = embeds
         for i, layer in enumerate(self.model.layers):
@@ -444,6 +432,17 @@ class VideoXL(Qwen2ForCausalLM):
         for b, n in enumerate(kept):
             pool_sizes[b] += n
         return self.model.norm(h)
+
+    def _rope_table(self, memory: Memory, positions: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE's cos and sin ``[P, 1, D]`` for positions ``0 .. P-1`` with ``P >= positions``, kept in the memory
+        and grown by doubling, so a step gathers its rows instead of evaluating cos/sin over its whole memory (HF's
+        rotary embedding is elementwise in the position: the rows are the ones it computes)."""
+        table = memory.rope
+        if table is None or len(table[0]) < positions or table[0].dtype != like.dtype:
+            size = max(positions, 2 * len(table[0]) if table is not None else 0)
+            cos, sin = self.model.rotary_emb(like, torch.arange(size, device=like.device)[None])
+            memory.rope = table = (cos[0, :, None], sin[0, :, None])
+        return table
 
     def _draw_ratio(self, num_raw: int, ratio: int | Sequence[int] | None, generator: torch.Generator) -> int:
         """The compression ratio of one window: fixed, or drawn from the configured ratios (official
@@ -546,12 +545,9 @@ class VideoXL(Qwen2ForCausalLM):
                         last_raw[b] = offset + int((~is_vst).nonzero().max())
                     offset += len(is_vst)
                 is_vst = torch.cat(masks).to(ref.device)
-                rows = RowSplit.from_mask(is_vst)
-                raw = torch.cat(raw_parts)
-                if rows is None:
-                    embeds = raw
-                else:
-                    embeds = torch.cat([raw, beacon.expand(len(rows.vst), -1)])[rows.order]
+                embeds = torch.cat(raw_parts)
+                if compress:  # the raw rows between VST embeddings
+                    embeds = beacon.expand(len(is_vst), -1).index_copy(0, (~is_vst).nonzero().squeeze(1), embeds)
                 if compress:
                     hidden = self._step(memory, embeds, lengths, is_vst, is_vst, "vst")
                 else:
