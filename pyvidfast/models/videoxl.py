@@ -548,7 +548,6 @@ class VideoXL(Qwen2ForCausalLM):
                 embeds = torch.cat(raw_parts)
                 if compress:  # the raw rows between VST embeddings
                     embeds = beacon.expand(len(is_vst), -1).index_copy(0, (~is_vst).nonzero().squeeze(1), embeds)
-                if compress:
                     hidden = self._step(memory, embeds, lengths, is_vst, is_vst, "vst")
                 else:
                     hidden = self._step(memory, embeds, lengths, None, None, "text")
