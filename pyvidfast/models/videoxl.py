@@ -143,15 +143,15 @@ class BeaconAttention(Qwen2Attention):
         self.beacon_k_proj = nn.Linear(config.hidden_size, self.k_proj.out_features, bias=True)
         self.beacon_v_proj = nn.Linear(config.hidden_size, self.v_proj.out_features, bias=True)
 
-    def project(self, x: Tensor, vst_rows: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Pre-RoPE q ``[N, H, D]``, k, v ``[N, Hkv, D]``; the rows ``vst_rows`` (VSTs) come from the beacon
-        projections. Every row goes through the ordinary ones first (1 in r + 1 rows in vain, but one GEMM over
-        the packed rows instead of gathering the raw rows apart and restoring their order)."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if vst_rows is not None:
-            vst = x[vst_rows]
-            for out, beacon in ((q, self.beacon_q_proj), (k, self.beacon_k_proj), (v, self.beacon_v_proj)):
-                out.index_copy_(0, vst_rows, beacon(vst))  # in place: a linear layer's backward needs no output
+    def project(self, x: Tensor, rows: "RowSplit | None") -> tuple[Tensor, Tensor, Tensor]:
+        """Pre-RoPE q ``[N, H, D]``, k, v ``[N, Hkv, D]``; VST rows (``rows``) go through the beacon projections."""
+        if rows is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            raw, vst = x[rows.raw], x[rows.vst]
+            q, k, v = (torch.cat([base(raw), beacon(vst)])[rows.order] for base, beacon in (
+                (self.q_proj, self.beacon_q_proj), (self.k_proj, self.beacon_k_proj),
+                (self.v_proj, self.beacon_v_proj)))
         return (q.view(len(x), -1, self.head_dim), k.view(len(x), -1, self.head_dim),
                 v.view(len(x), -1, self.head_dim))
 
@@ -161,7 +161,7 @@ class StepLayout:
     """What every layer of one step shares: the VST rows, where each key goes, which keys stay, RoPE tables and
     the packed lengths of the queries and keys."""
 
-    vst_rows: Tensor | None
+    rows: "RowSplit | None"
     key_order: Tensor | None  # cat([memory rows, current rows])[key_order]: each sample's memory, then its
     # current rows (None: already in that order, as with one sample)
     keep_rows: Tensor | None  # the rows of the ordered keys the memory keeps after the step (None: all)
@@ -194,7 +194,7 @@ class BeaconDecoderLayer(Qwen2DecoderLayer):
         if layout is None:
             return super().forward(h, **hf_kwargs)
         attn = self.self_attn
-        q, k, v = attn.project(self.input_layernorm(h), layout.vst_rows)
+        q, k, v = attn.project(self.input_layernorm(h), layout.rows)
         keys, values = torch.cat([past_keys, k]), torch.cat([past_values, v])
         if layout.key_order is not None:
             keys, values = keys[layout.key_order], values[layout.key_order]
@@ -235,6 +235,22 @@ class CLIPTower(nn.Module):
         for layer in tower.encoder.layers[:self.layers_used]:
             h = layer(h, None)
         return h[:, 1:]
+
+
+@dataclass
+class RowSplit:
+    """Packed rows of one step split into raw and VST rows; ``cat([raw rows, VST rows])[order]`` restores them."""
+
+    raw: Tensor
+    vst: Tensor
+    order: Tensor
+
+    @classmethod
+    def from_mask(cls, is_vst: Tensor) -> "RowSplit | None":
+        if not bool(is_vst.any()):
+            return None
+        raw, vst = (~is_vst).nonzero().squeeze(1), is_vst.nonzero().squeeze(1)
+        return cls(raw, vst, torch.argsort(torch.cat([raw, vst])))
 
 
 @dataclass
@@ -421,8 +437,8 @@ class VideoXL(Qwen2ForCausalLM):
         max_q, max_k = max(lengths, default=0), max(key_lengths, default=0)
         cos, sin = self._rope_table(memory, max_k, embeds)
         pos_k, pos_q = torch.cat(pos_k).to(device), torch.cat(pos_q).to(device)
-        vst_rows = None if is_vst is None or not bool(is_vst.any()) else is_vst.nonzero().squeeze(1)
-        layout = StepLayout(vst_rows, key_order, keep_rows, cos[pos_q], sin[pos_q], cos[pos_k], sin[pos_k], cu_q,
+        rows = RowSplit.from_mask(is_vst) if is_vst is not None else None
+        layout = StepLayout(rows, key_order, keep_rows, cos[pos_q], sin[pos_q], cos[pos_k], sin[pos_k], cu_q,
                             cu_k, max_q, max_k)
 
         h = embeds
@@ -545,9 +561,13 @@ class VideoXL(Qwen2ForCausalLM):
                         last_raw[b] = offset + int((~is_vst).nonzero().max())
                     offset += len(is_vst)
                 is_vst = torch.cat(masks).to(ref.device)
-                embeds = torch.cat(raw_parts)
-                if compress:  # the raw rows between VST embeddings
-                    embeds = beacon.expand(len(is_vst), -1).index_copy(0, (~is_vst).nonzero().squeeze(1), embeds)
+                rows = RowSplit.from_mask(is_vst)
+                raw = torch.cat(raw_parts)
+                if rows is None:
+                    embeds = raw
+                else:
+                    embeds = torch.cat([raw, beacon.expand(len(rows.vst), -1)])[rows.order]
+                if compress:
                     hidden = self._step(memory, embeds, lengths, is_vst, is_vst, "vst")
                 else:
                     hidden = self._step(memory, embeds, lengths, None, None, "text")
