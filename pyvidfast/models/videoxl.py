@@ -162,9 +162,8 @@ class StepLayout:
     the packed lengths of the queries and keys."""
 
     rows: "RowSplit | None"
-    key_order: Tensor | None  # cat([memory rows, current rows])[key_order]: each sample's memory, then its
-    # current rows (None: already in that order, as with one sample)
-    keep_rows: Tensor | None  # the rows of the ordered keys the memory keeps after the step (None: all)
+    key_order: Tensor  # cat([memory rows, current rows])[key_order]: each sample's memory, then its current rows
+    keep_rows: Tensor  # the rows of the ordered keys the memory keeps after the step
     cos_q: Tensor
     sin_q: Tensor
     cos_k: Tensor
@@ -195,17 +194,14 @@ class BeaconDecoderLayer(Qwen2DecoderLayer):
             return super().forward(h, **hf_kwargs)
         attn = self.self_attn
         q, k, v = attn.project(self.input_layernorm(h), layout.rows)
-        keys, values = torch.cat([past_keys, k]), torch.cat([past_values, v])
-        if layout.key_order is not None:
-            keys, values = keys[layout.key_order], values[layout.key_order]
+        keys = torch.cat([past_keys, k])[layout.key_order]
+        values = torch.cat([past_values, v])[layout.key_order]
         q = q * layout.cos_q + rotate_half(q) * layout.sin_q
         rotated = keys * layout.cos_k + rotate_half(keys) * layout.sin_k
         out = varlen_attention(q, rotated, values, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k,
                                softmax_scale=attn.scaling, causal=True)
         h = h + attn.o_proj(out.reshape(len(h), -1))
         h = h + self.mlp(self.post_attention_layernorm(h))
-        if layout.keep_rows is None:
-            return h, keys, values
         return h, keys[layout.keep_rows], values[layout.keep_rows]
 
 
@@ -264,7 +260,6 @@ class Memory:
     sink: list[int]
     vst: list[int]
     text: list[int]
-    rope: tuple[Tensor, Tensor] | None = None  # cos, sin [positions, 1, D] of the positions used so far
 
     @classmethod
     def empty(cls, num_layers: int, batch: int, kv_heads: int, head_dim: int, like: Tensor) -> "Memory":
@@ -419,9 +414,7 @@ class VideoXL(Qwen2ForCausalLM):
         mem_start, cur_start, key_start, total_mem = 0, 0, 0, sum(mem_lengths)
         kept = []
         keep_host = None if keep is None else keep.cpu()  # one device sync per step
-        in_order, current_seen = True, False  # is cat([memory, current]) already ordered by sample?
         for m, c in zip(mem_lengths, lengths):
-            in_order, current_seen = in_order and not (m and current_seen), current_seen or c > 0
             key_order += [torch.arange(mem_start, mem_start + m), total_mem + torch.arange(cur_start, cur_start + c)]
             kept_here = torch.arange(c) if keep is None else keep_host[cur_start:cur_start + c].nonzero().squeeze(1)
             keep_rows += [torch.arange(key_start, key_start + m), key_start + m + kept_here]
@@ -429,17 +422,20 @@ class VideoXL(Qwen2ForCausalLM):
             pos_k.append(torch.arange(m + c))
             pos_q.append(torch.arange(m, m + c))
             mem_start, cur_start, key_start = mem_start + m, cur_start + c, key_start + m + c
-        key_order = None if in_order else torch.cat(key_order).to(device)
-        keep_rows = None if keep is None else torch.cat(keep_rows).to(device)
-        key_lengths = [m + c for m, c in zip(mem_lengths, lengths)]
+        key_order = torch.cat(key_order).to(device)
+        keep_rows = torch.cat(keep_rows).to(device)
+        key_lengths = torch.tensor([m + c for m, c in zip(mem_lengths, lengths)])
         cu_q = F.pad(torch.tensor(list(lengths)).cumsum(0), (1, 0)).to(device, torch.int32)
-        cu_k = F.pad(torch.tensor(key_lengths).cumsum(0), (1, 0)).to(device, torch.int32)
-        max_q, max_k = max(lengths, default=0), max(key_lengths, default=0)
-        cos, sin = self._rope_table(memory, max_k, embeds)
-        pos_k, pos_q = torch.cat(pos_k).to(device), torch.cat(pos_q).to(device)
+        cu_k = F.pad(key_lengths.cumsum(0), (1, 0)).to(device, torch.int32)
+        max_q, max_k = max(lengths, default=0), int(key_lengths.max()) if len(key_lengths) else 0
+        pos_k = torch.cat(pos_k).to(device)
+        cos_k, sin_k = self.model.rotary_emb(embeds, pos_k[None])
+        cos_k, sin_k = cos_k[0, :, None], sin_k[0, :, None]
+        cur_keys = torch.cat(pos_q).to(device) if len(pos_q) else pos_k[:0]
+        cos_q, sin_q = self.model.rotary_emb(embeds, cur_keys[None])
+        cos_q, sin_q = cos_q[0, :, None], sin_q[0, :, None]
         rows = RowSplit.from_mask(is_vst) if is_vst is not None else None
-        layout = StepLayout(rows, key_order, keep_rows, cos[pos_q], sin[pos_q], cos[pos_k], sin[pos_k], cu_q,
-                            cu_k, max_q, max_k)
+        layout = StepLayout(rows, key_order, keep_rows, cos_q, sin_q, cos_k, sin_k, cu_q, cu_k, max_q, max_k)
 
         h = embeds
         for i, layer in enumerate(self.model.layers):
@@ -448,17 +444,6 @@ class VideoXL(Qwen2ForCausalLM):
         for b, n in enumerate(kept):
             pool_sizes[b] += n
         return self.model.norm(h)
-
-    def _rope_table(self, memory: Memory, positions: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """RoPE's cos and sin ``[P, 1, D]`` for positions ``0 .. P-1`` with ``P >= positions``, kept in the memory
-        and grown by doubling, so a step gathers its rows instead of evaluating cos/sin over its whole memory (HF's
-        rotary embedding is elementwise in the position: the rows are the ones it computes)."""
-        table = memory.rope
-        if table is None or len(table[0]) < positions or table[0].dtype != like.dtype:
-            size = max(positions, 2 * len(table[0]) if table is not None else 0)
-            cos, sin = self.model.rotary_emb(like, torch.arange(size, device=like.device)[None])
-            memory.rope = table = (cos[0, :, None], sin[0, :, None])
-        return table
 
     def _draw_ratio(self, num_raw: int, ratio: int | Sequence[int] | None, generator: torch.Generator) -> int:
         """The compression ratio of one window: fixed, or drawn from the configured ratios (official
