@@ -3,9 +3,17 @@ compression (one causal pass over every visual token) and against the official a
 all frames through CLIP at once, a Python loop over placeholder positions, SDPA with an explicit mask per window).
 
     python -m bench.videoxl                 # small random config on the CPU
+    python -m bench.videoxl --quick --threads 2   # fewer points, the same target measurements: minutes
+    python -m bench.videoxl --quick --threads 1 --clock cpu   # CPU time: steadier on a busy machine
     python -m bench.videoxl --preset 7b     # Qwen2-7B + CLIP ViT-L/14-336 shapes (random weights) on a GPU
 
-Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the peak resident-set growth during the run. Writes bench/results/videoxl.json and bench/results/videoxl.png.
+Two targets are ratios of times and are measured interleaved (best of ``--rounds`` rounds that run the compared
+calls in turn): time per frame at 2048 frames over 128 (<= 1.3x), and a batch of 4 videos of different lengths in
+one call over 4 calls of batch 1 (>= 2x), each for the whole prefill and for the window steps alone (features
+encoded beforehand), with the profiled shares of GEMMs, the attention op and the rest on the CPU.
+
+Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the peak resident-set growth during the run.
+Writes bench/results/videoxl.json (its "table" fills docs/videoxl.md through bench.report) and videoxl.png.
 """
 
 import argparse
@@ -77,7 +85,8 @@ def official_plain(model, ids, video, ratio):
     per window an explicit float mask (memory visible, causal inside) through SDPA, VST keys/values kept."""
     lm = model.model
     tower = lm.vision_tower
-    hidden = tower(video)  # all frames at once (encode_multimodals)
+    # all frames at once through every layer, all hidden states kept (encode_multimodals)
+    hidden = tower.vision_tower(pixel_values=video, output_hidden_states=True).hidden_states[tower.select_layer][:, 1:]
     patches = lm.mm_projector(hidden)
     n, _, c = patches.shape
     grid = patches.view(n, tower.grid, tower.grid, c).permute(0, 3, 1, 2)
@@ -161,15 +170,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]  # --clock cpu: this process's CPU time, steadier than wall time on a shared machine
+
+
 def timed(fn, device, quick_ms: float = 5000.0):
-    """Wall time of fn() in ms (the better of two runs when one is quicker than quick_ms) and its result."""
+    """Time of fn() in ms on ``clock`` (the better of two runs when one is quicker than quick_ms) and its
+    result."""
     best, out = float("inf"), None
     for attempt in range(2):
         sync(device)
-        start = time.perf_counter()
+        start = clock()
         out = fn()
         sync(device)
-        best = min(best, (time.perf_counter() - start) * 1e3)
+        best = min(best, (clock() - start) * 1e3)
         if best > quick_ms:
             break
     return best, out
@@ -210,29 +224,114 @@ def kv_formula(model, frames, ratio) -> int:
     return per_entry * entries
 
 
+def interleaved(fns: dict, device: str, rounds: int) -> dict:
+    """Best time in ms of each of ``fns`` over ``rounds`` rounds that run them in turn (a busy machine
+    slows neighbours alike, so the ratios of one round stay comparable)."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            ms, _ = timed(fn, device, quick_ms=0.0)
+            best[name] = min(best[name], ms)
+    return best
+
+
+def time_shares(fn) -> dict:
+    """Shares of one run's wall time (torch.profiler, self time per op): GEMMs (aten::mm/addmm/bmm), the attention
+    op, and everything else (elementwise ops, gathers, norms, Python between ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()  # wall time, as the profiler's per-op times
+        fn()
+        total_ms = (time.perf_counter() - start) * 1e3
+    self_ms = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+    gemm = sum(self_ms.get(k, 0.0) for k in ("aten::mm", "aten::addmm", "aten::bmm"))
+    attention = self_ms.get("vidfast::varlen_attention_fwd", 0.0)
+    return {"profiled_ms": total_ms, "gemm_ms": gemm, "attention_ms": attention,
+            "other_ms": total_ms - gemm - attention, "ops": sum(e.count for e in prof.key_averages())}
+
+
+def measure_targets(model, args) -> dict:
+    """The two targets that need ratios of times: time per frame at the largest F over the smallest (target
+    <= 1.3x at 2048 against 128), and a batch of 4 videos of different lengths in one call against 4 calls of
+    batch 1 (target >= 2x), each timed interleaved; the batch both with the vision pass (the whole prefill)
+    and on features encoded beforehand (the window steps alone)."""
+    small, large = args.linearity_frames
+    clips = {f: inputs(model, f) for f in (small, large)}
+    per_frame = interleaved({f: (lambda f=f: ours(model, *clips[f], args.ratio)) for f in (small, large)},
+                            args.device, args.rounds)
+    feats = {f: model.encode_frames(clips[f][1]) for f in (small, large)}
+    steps = interleaved({f: (lambda f=f: model.prefill([clips[f][0]], features=[feats[f]], ratio=args.ratio))
+                         for f in (small, large)}, args.device, args.rounds)
+    linearity = {"frames": [small, large], "ratio": args.ratio,
+                 "prefill_ms_per_frame": [per_frame[f] / f for f in (small, large)],
+                 "window_steps_ms_per_frame": [steps[f] / f for f in (small, large)]}
+    linearity["per_frame_growth"] = per_frame[large] / large / (per_frame[small] / small)
+    linearity["window_steps_per_frame_growth"] = steps[large] / large / (steps[small] / small)
+
+    frames = args.batch_frames
+    lengths = [frames, frames // 2, frames // 4 * 3, frames // 8 * 5]
+    batch = [inputs(model, f, seed=i) for i, f in enumerate(lengths)]
+    prompts, videos = [b[0] for b in batch], [b[1] for b in batch]
+    features = [model.encode_frames(v) for v in videos]
+    fns = {"batch4_ms": lambda: model.prefill(prompts, videos, ratio=args.ratio),
+           "four_batch1_ms": lambda: [model.prefill([i], [v], ratio=args.ratio) for i, v in zip(prompts, videos)],
+           "batch4_steps_ms": lambda: model.prefill(prompts, features=features, ratio=args.ratio),
+           "four_batch1_steps_ms": lambda: [model.prefill([i], features=[f], ratio=args.ratio)
+                                            for i, f in zip(prompts, features)]}
+    batched = {"frames": lengths, "ratio": args.ratio, **interleaved(fns, args.device, args.rounds)}
+    batched["speedup"] = batched["four_batch1_ms"] / batched["batch4_ms"]
+    batched["steps_speedup"] = batched["four_batch1_steps_ms"] / batched["batch4_steps_ms"]
+    if not args.device.startswith("cuda"):
+        batched["shares"] = {"batch4_steps": time_shares(fns["batch4_steps_ms"]),
+                             "four_batch1_steps": time_shares(fns["four_batch1_steps_ms"])}
+    return {"linearity": linearity, "batch": batched}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--frames", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
-    p.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8, 12, 16])
-    p.add_argument("--ratio", type=int, default=16, help="ratio of the frame sweep")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer points (frames 128 512 2048, ratios 2 16 at 256 frames, full attention up to 512 "
+                        "frames): a few minutes on 2 CPU threads; the targets are measured the same way")
+    p.add_argument("--frames", type=int, nargs="+", default=None, help="default 64 .. 2048")
+    p.add_argument("--ratios", type=int, nargs="+", default=None, help="default 2 4 8 12 16")
+    p.add_argument("--ratio", type=int, default=16, help="ratio of the frame sweep and of the targets")
+    p.add_argument("--ratio-frames", type=int, default=None, help="frames of the ratio sweep (default 512)")
+    p.add_argument("--full-attention-max-frames", type=int, default=None,
+                   help="largest F of the uncompressed baseline (default 2048, --quick 512)")
+    p.add_argument("--linearity-frames", type=int, nargs=2, default=[128, 2048],
+                   help="time per frame at the second F over the first (target: <= 1.3x at 2048 over 128)")
+    p.add_argument("--batch-frames", type=int, default=512, help="the longest of the 4 videos of the batch target")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the target measurements")
     p.add_argument("--budget-s", type=float, default=60.0, help="skip a method at larger F once one run exceeds it")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="cpu: the process's CPU time (with --threads 1 on a CPU; steadier on a busy machine)")
     args = p.parse_args(argv)
+    if args.clock == "cpu" and (args.device.startswith("cuda") or args.threads != 1):
+        p.error("--clock cpu: needs --device cpu and --threads 1 (CPU time adds up the threads' time)")
+    args.frames = args.frames or ([128, 512, 2048] if args.quick else [64, 128, 256, 512, 1024, 2048])
+    args.ratios = args.ratios or ([2, 16] if args.quick else [2, 4, 8, 12, 16])
+    args.ratio_frames = args.ratio_frames or (256 if args.quick else 512)
+    args.full_attention_max_frames = args.full_attention_max_frames or (512 if args.quick else 2048)
     if not args.device.startswith("cuda") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)  # see peak_memory
         os.execv(sys.executable, [sys.executable, "-m", "bench.videoxl", *(sys.argv[1:] if argv is None else argv)])
     if args.threads:
         torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
     model = build(args.preset, args.device, dtype)
     args.model = model
-    results = {"preset": args.preset, "device": args.device, "dtype": str(dtype),
+    results = {"preset": args.preset, "device": args.device, "dtype": str(dtype), "quick": args.quick,
+               "clock": args.clock,
                "tokens_per_frame": model.tokens_per_frame, "window": model.settings.window, "frames": [],
-               "ratios": [], "batch": {}}
+               "ratios": []}
     over_budget = set()
     with torch.no_grad():
         ids, video = inputs(model, 8)
@@ -241,7 +340,7 @@ def main(argv=None):
             ids, video = inputs(model, frames)
             row = {"frames": frames, "ratio": args.ratio}
             for method in ("ours", "official_plain", "full_attention", "vision_ours", "vision_all_at_once"):
-                if method in over_budget:
+                if method in over_budget or (method == "full_attention" and frames > args.full_attention_max_frames):
                     continue
                 ms, kv = timed(lambda: METHODS[method](model, ids, video, args.ratio), args.device)
                 row[f"{method}_ms"] = ms
@@ -255,38 +354,65 @@ def main(argv=None):
             row["ours_ms_per_frame"] = row["ours_ms"] / frames
             results["frames"].append(row)
             print(json.dumps(row), flush=True)
-        frames = min(512, max(args.frames))
-        ids, video = inputs(model, frames)
+        ids, video = inputs(model, args.ratio_frames)
         for ratio in args.ratios:
             ms, kv = timed(lambda: ours(model, ids, video, ratio), args.device)
-            row = {"frames": frames, "ratio": ratio, "ours_ms": ms, "ours_kv_bytes": kv,
-                   "kv_formula_bytes": kv_formula(model, frames, ratio)}
+            row = {"frames": args.ratio_frames, "ratio": ratio, "ours_ms": ms, "ours_kv_bytes": kv,
+                   "kv_formula_bytes": kv_formula(model, args.ratio_frames, ratio)}
             results["ratios"].append(row)
             print(json.dumps(row), flush=True)
-        # a batch of 4 videos of different lengths in one call against 4 calls of batch 1
-        lengths = [frames, frames // 2, frames // 4 * 3, frames // 8 * 5]
-        batch = [inputs(model, f, seed=i) for i, f in enumerate(lengths)]
-        prompts, videos = [b[0] for b in batch], [b[1] for b in batch]
-        one_ms, _ = timed(lambda: model.prefill(prompts, videos, ratio=args.ratio), args.device)
-        single_ms, _ = timed(lambda: [model.prefill([i], [v], ratio=args.ratio) for i, v in batch], args.device)
-        results["batch"] = {"frames": lengths, "batch4_ms": one_ms, "four_batch1_ms": single_ms,
-                            "speedup": single_ms / one_ms}
-        print(json.dumps(results["batch"]), flush=True)
+        results.update(measure_targets(model, args))
+        print(json.dumps({k: results[k] for k in ("linearity", "batch")}), flush=True)
+    results["table"] = table(results)
     path = write_json("videoxl", results)
     plot(results)
-    print(table(results))
+    print(results["table"])
     print(f"wrote {path}")
 
 
 def table(results) -> str:
     rows = []
     for r in results["frames"]:
-        rows.append([r["frames"], r["ours_ms"], r.get("official_plain_ms", float("nan")),
-                     r.get("full_attention_ms", float("nan")), r["ours_ms_per_frame"], r["ours_kv_bytes"],
-                     r["kv_formula_bytes"], r.get("vision_ours_peak_bytes", "-"),
-                     r.get("vision_all_at_once_peak_bytes", "-")])
-    return markdown_table(["frames", "ours ms", "official plain ms", "full attention ms", "ours ms/frame",
-                           "KV bytes", "KV formula", "vision peak (chunked)", "vision peak (all at once)"], rows)
+        rows.append([r["frames"], _ms(r["ours_ms"]), _ms(r.get("official_plain_ms")),
+                     _ms(r.get("full_attention_ms")), r["ours_ms_per_frame"],
+                     f"{r['ours_kv_bytes']} = {r['kv_formula_bytes']}" if r["ours_kv_bytes"] == r["kv_formula_bytes"]
+                     else f"{r['ours_kv_bytes']} != {r['kv_formula_bytes']}",
+                     _mb(r.get("vision_ours_peak_bytes")), _mb(r.get("vision_all_at_once_peak_bytes"))])
+    frames = markdown_table(["frames", "ours ms", "official plain ms", "full attention ms", "ours ms/frame",
+                             "KV bytes = formula", "vision peak MB (chunked)", "vision peak MB (all at once)"], rows)
+    ratios = markdown_table(["ratio", "frames", "ours ms", "KV bytes", "KV formula"],
+                            [[r["ratio"], r["frames"], _ms(r["ours_ms"]), r["ours_kv_bytes"], r["kv_formula_bytes"]]
+                             for r in results["ratios"]])
+    lin, bat = results["linearity"], results["batch"]
+    (small, large), lengths = lin["frames"], "+".join(map(str, bat["frames"]))
+    targets = [
+        [f"time per frame, {large} over {small} frames (prefill)", f"{lin['per_frame_growth']:.2f}x",
+         "<= 1.3x", "yes" if lin["per_frame_growth"] <= 1.3 else "no"],
+        [f"time per frame, {large} over {small} frames (window steps alone)",
+         f"{lin['window_steps_per_frame_growth']:.2f}x", "", ""],
+        [f"batch of 4 ({lengths} frames) over 4 calls of batch 1 (prefill)", f"{bat['speedup']:.2f}x", ">= 2x",
+         "yes" if bat["speedup"] >= 2 else "no"],
+        ["the same, window steps alone (features given)", f"{bat['steps_speedup']:.2f}x", "", ""],
+    ]
+    for name, key in (("batch 4", "batch4_steps"), ("4 x batch 1", "four_batch1_steps")):
+        s = bat.get("shares", {}).get(key)
+        if s:
+            total = s["profiled_ms"]
+            targets.append([f"window steps, {name}: GEMM / attention / other share of {total:.0f} ms "
+                            f"({s['ops']} ops, profiled)",
+                            " / ".join(f"{s[k] / total:.0%}" for k in ("gemm_ms", "attention_ms", "other_ms")),
+                            "", ""])
+    targets = markdown_table(["target", "measured", "goal", "met"], targets)
+    return (f"Prefill at r = {results['frames'][0]['ratio']} ({results['clock']} time):\n\n{frames}\n\n"
+            f"Ratios:\n\n{ratios}\n\nTargets (interleaved, best of rounds):\n\n{targets}")
+
+
+def _mb(nbytes) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
+
+def _ms(ms) -> str:
+    return "-" if ms is None else f"{ms:,.0f}"
 
 
 def plot(results):

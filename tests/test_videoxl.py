@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from transformers import CLIPVisionConfig, Qwen2ForCausalLM
 
 from pyvidfast.models import create_model
-from pyvidfast.models.videoxl import (CLIP_MEAN, CLIP_STD, IMAGE_TOKEN_INDEX, VideoXL, chat_input_ids,
-                                      interleave_layout, load_video, official_to_ours, qwen2_7b_config)
+from pyvidfast.models.videoxl import (CLIP_MEAN, CLIP_STD, IMAGE_TOKEN_INDEX, CLIPTower, VideoXL,
+                                      chat_input_ids, interleave_layout, load_video, official_to_ours,
+                                      qwen2_7b_config)
 
 VOCAB = 97
 WINDOW = 48  # 12 frames of 4 tokens: the tiny analogue of 1440 = 10 frames of 144
@@ -229,6 +230,19 @@ def test_interleave_layout():
             whole, rem_whole = interleave_layout(23, r)
             assert torch.equal(torch.cat([first, second]), whole) and rem2 == rem_whole
             assert int(whole.sum()) == 23 // r
+
+
+@pytest.mark.parametrize("select_layer", [-2, -1, 0, 1])
+def test_tower_stops_at_the_select_layer(select_layer):
+    """The tower runs only the layers up to the select layer; its output is HF's hidden state of that layer."""
+    _, vision = tiny_configs()
+    torch.manual_seed(1)
+    tower = randomize(CLIPTower(vision, select_layer).double())
+    pixels = video(3, seed=7)
+    states = tower.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(tower(pixels), states[select_layer][:, 1:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="mm_vision_select_layer"):
+        CLIPTower(vision, len(states))
 
 
 def test_batch_equals_alone_and_no_leaks(model):

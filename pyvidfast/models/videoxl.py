@@ -207,18 +207,30 @@ class BeaconDecoderLayer(Qwen2DecoderLayer):
 
 class CLIPTower(nn.Module):
     """The official ``CLIPVisionTower``: HF ``CLIPVisionModel`` (as ``vision_tower``), hidden states of the select
-    layer, patch tokens only (CLS dropped)."""
+    layer, patch tokens only (CLS dropped).
+
+    Runs the tower's embeddings and only the encoder layers up to the select layer: the official tower runs them
+    all and keeps every hidden state, but the layers after the select layer (one of 24 in ViT-L, with
+    ``mm_vision_select_layer = -2``) and the post-layernorm are never read."""
 
     def __init__(self, config: CLIPVisionConfig, select_layer: int):
         super().__init__()
         self.vision_tower = CLIPVisionModel(config)
+        num_states = config.num_hidden_layers + 1  # HF's hidden_states: the embeddings, then each layer's output
+        if not -num_states <= select_layer < num_states:
+            raise ValueError(f"config.mm_vision_select_layer: expected an index into the tower's {num_states} "
+                             f"hidden states; got {select_layer}")
         self.select_layer = select_layer
+        self.layers_used = select_layer % num_states
         self.image_size = config.image_size
         self.grid = config.image_size // config.patch_size
 
     def forward(self, pixels: Tensor) -> Tensor:
-        out = self.vision_tower(pixel_values=pixels, output_hidden_states=True)
-        return out.hidden_states[self.select_layer][:, 1:]
+        tower = self.vision_tower
+        h = tower.pre_layrnorm(tower.embeddings(pixels))
+        for layer in tower.encoder.layers[:self.layers_used]:
+            h = layer(h, None)
+        return h[:, 1:]
 
 
 @dataclass
