@@ -195,8 +195,10 @@ class LocalMHRA(nn.Module):
         flat = patches.reshape(num * length, dim)
         x = norm(flat.view(*flat.shape, 1, 1, 1)).view_as(flat)  # BN3d statistics are over every position
         x = F.linear(x, reduce.weight.flatten(1), reduce.bias).view(num, length, -1)
-        x = torch.cat([temporal_conv(temporal, part) for part in x.split(list(frames))]) \
-            if not _is_uniform(frames) else temporal_conv(temporal, x.view(len(frames), frames[0], length, -1))
+        if _is_uniform(frames):
+            x = temporal_conv(temporal, x.view(len(frames), frames[0], length, -1))
+        else:  # clips of different lengths: the temporal conv must not cross their bounds
+            x = torch.cat([temporal_conv(temporal, part) for part in x.split(list(frames))])
         return F.linear(x.reshape(num, length, -1), expand.weight.flatten(1), expand.bias)
 
 
