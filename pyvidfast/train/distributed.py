@@ -41,7 +41,13 @@ class Context:
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
         if not dist.is_initialized():
             if self.world > 1 or (distributed and "MASTER_ADDR" in os.environ):
-                dist.init_process_group(self.backend)
+                # torchrun's elastic restarts keep the rendezvous store, and with it the previous attempt's peer
+                # addresses, which the new attempt's gloo then dials (pytorch/pytorch#167288): each attempt gets
+                # its own key prefix.
+                store, rank, world = next(dist.rendezvous("env://"))
+                attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+                dist.init_process_group(self.backend, store=dist.PrefixStore(f"pyvidfast/attempt_{attempt}", store),
+                                        rank=rank, world_size=world)
             elif distributed:
                 dist.init_process_group(self.backend, store=dist.HashStore(), rank=0, world_size=1)
 
