@@ -142,8 +142,7 @@ def main() -> None:
                f"{speedup:.2f}x, step alone {step_speedup:.2f}x (target >= 1.3x).")
     print(table)
     path = write_json("train", {"config": vars(args), "runs": runs, "summary": summary,
-                                "rlt_speedup_end_to_end": speedup, "rlt_speedup_step": step_speedup, "table": table,
-                                "note": "step times on a shared machine are noisy; rerun on a quiet one"})
+                                "rlt_speedup_end_to_end": speedup, "rlt_speedup_step": step_speedup, "table": table})
     print(f"wrote {path}")
 
 

@@ -204,8 +204,7 @@ def main() -> None:
                   + f"\n\nFSDP2 holds {ratios['fsdp_state_over_ddp']:.2f}x DDP's per-rank state (target <= 0.6x).")
     print(table)
     path = write_json("train_memory", {"config": vars(args), "tokens_per_clip": tokens, "activation_checkpointing": ac,
-                                       "ranks": ranks, "ratios": ratios, "table": table,
-                                       "note": "step times on a shared machine are noisy"})
+                                       "ranks": ranks, "ratios": ratios, "table": table})
     print(f"wrote {path}")
 
 
