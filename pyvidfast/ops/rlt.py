@@ -129,9 +129,9 @@ def _token_grid(video: Tensor, tubelet: int, patch: int) -> tuple[int, int, int,
 def _check_token_count(grid) -> None:
     """A ValueError for a token grid (B, T', H', W') of more than MAX_TOKENS tokens, before any kernel runs."""
     tokens = grid[0] * grid[1] * grid[2] * grid[3]
-    torch._check_value(tokens <= MAX_TOKENS, lambda: (
-        f"video: at most 2^31 - 1 tokens (B * T' * H' * W', counted in int32); got {' * '.join(map(str, grid))}"
-        f" = {tokens}"))
+    if tokens > MAX_TOKENS:  # (a plain branch: under torch.compile, a guard on the sizes)
+        raise ValueError(f"video: at most 2^31 - 1 tokens (B * T' * H' * W', counted in int32); got "
+                         f"{' * '.join(map(str, grid))} = {tokens}")
 
 
 @torch.library.register_fake("vidfast::rlt_mask")
