@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvidfast.io import sampling
-from pyvidfast.ops import group_budgets, group_topk, rlt_mask, rlt_tokenize, varlen_attention
+from pyvidfast.ops import (IMAGENET_MEAN, IMAGENET_STD, group_budgets, group_topk, rlt_mask, rlt_tokenize,
+                           varlen_attention)
 
 import test_group_topk
 import test_rlt
@@ -326,25 +327,85 @@ def _available_bytes():
 
 @pytest.mark.skipif(os.environ.get("VIDFAST_SANITIZE") == "1", reason="2 GB input: too slow under ASan")
 @pytest.mark.skipif(_available_bytes() < 8 << 30, reason="needs 8 GB of free memory for a 2.15 GB video")
-def test_rlt_mask_past_two_to_the_31_elements():
-    """A uint8 video of 2 152 147 968 > 2^31 elements (rlt_mask is the cheapest op to feed that much): tokens
-    planted past element 2^31 are found where they are, so no index wraps at 32 bits."""
-    patch, side = 16, 837 * 16
-    video = torch.zeros((2, 2, side, side, 3), dtype=torch.uint8)
+def test_rlt_past_two_to_the_31_elements():
+    """A uint8 video of 2 153 250 816 > 2^31 elements, still but for patches planted in its last frame (three of
+    them past element 2^31): rlt_mask finds them where they are and rlt_tokenize gathers their pixels, so no
+    index wraps at 32 bits. bfloat16 patches keep the output small: the first frame's tokens (1/8 of the video)
+    at 2 bytes each."""
+    frames, patch, side = 8, 16, 592 * 16
+    video = torch.zeros((1, frames, side, side, 3), dtype=torch.uint8)
     assert video.numel() > 2**31
-    planted = [(0, 0, 0), (1, 836, 836), (1, 836, 3), (1, 500, 700)]  # (clip, h', w') of frame 1
-    for b, h, w in planted:
-        video[b, 1, h * patch:(h + 1) * patch, w * patch:(w + 1) * patch] = 255
-    flat_index = lambda b, h, w: (((b * 2 + 1) * side + h * patch) * side + w * patch) * 3  # noqa: E731
-    assert flat_index(*planted[1]) >= 2**31 and flat_index(*planted[0]) < 2**31
+    planted = [(10, 10), (585, 300), (591, 0), (591, 591)]  # (h', w') in the last frame, raster order
+    g = torch.Generator().manual_seed(0)
+    for h, w in planted:
+        video[0, -1, h * patch:(h + 1) * patch, w * patch:(w + 1) * patch] = torch.randint(
+            128, 256, (patch, patch, 3), generator=g, dtype=torch.uint8)
+    flat_index = lambda h, w: (((frames - 1) * side + h * patch) * side + w * patch) * 3  # noqa: E731
+    assert flat_index(*planted[0]) < 2**31 and all(flat_index(h, w) >= 2**31 for h, w in planted[1:])
+
     keep, lengths = rlt_mask(video, tubelet=1, patch=patch)
     expected = torch.zeros_like(keep)
     expected[:, 0] = True
-    for b, h, w in planted:
-        expected[b, 1, h, w] = True
+    expected_lengths = torch.zeros_like(lengths)
+    expected_lengths[:, 0] = frames
+    for h, w in planted:
+        expected[0, -1, h, w] = True
+        expected_lengths[0, 0, h, w], expected_lengths[0, -1, h, w] = frames - 1, 1
     assert torch.equal(keep, expected)
-    expected_lengths = torch.stack([torch.where(expected[:, 1], 1, 2), expected[:, 1].int()], dim=1).int()
     assert torch.equal(lengths, expected_lengths)
+
+    tokens = rlt_tokenize(video, tubelet=1, patch=patch, out_dtype=torch.bfloat16)
+    first = (side // patch) ** 2
+    assert tokens.cu_seqlens.tolist() == [0, first + len(planted)]
+    assert tokens.positions[first:].tolist() == [[frames - 1, h, w] for h, w in planted]
+    assert torch.equal(tokens.lengths, expected_lengths[keep])
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    # A zero patch normalizes to -mean/std exactly (one multiply-add by zero); every first-frame token is one.
+    zero_patch = (-mean / std).expand(3, patch, patch).reshape(-1).float().bfloat16()
+    assert bool((tokens.patches[:first] == zero_patch).all())
+    for k, (h, w) in enumerate(planted):
+        pixels = video[0, -1, h * patch:(h + 1) * patch, w * patch:(w + 1) * patch].permute(2, 0, 1).double()
+        reference = ((pixels / 255 - mean) / std).reshape(-1)
+        torch.testing.assert_close(tokens.patches[first + k].double(), reference, atol=0, rtol=2**-8)
+
+
+@pytest.mark.skipif(os.environ.get("VIDFAST_SANITIZE") == "1", reason="4 GB input: too slow under ASan")
+@pytest.mark.skipif(_available_bytes() < 10 << 30, reason="needs 10 GB of free memory for a 4.3 GB input")
+def test_group_topk_cpu_past_two_to_the_31_elements():
+    """bfloat16 embeddings [1, 2, 2^23 + 1, 128], 2^31 + 256 elements, zero but for three rows of the second
+    frame, two of them past element 2^31: the CPU kernel scores them where they are (the first frame copies the
+    second frame's scores) and keeps exactly those tokens, so no index wraps at 32 bits."""
+    tokens, dim = 2**23 + 1, 128
+    x = torch.zeros((1, 2, tokens, dim), dtype=torch.bfloat16)
+    assert x.numel() > 2**31
+    planted = [5, tokens - 2, tokens - 1]
+    assert (tokens + planted[0]) * dim < 2**31 <= (tokens + planted[1]) * dim
+    for k, l in enumerate(planted):  # small integers: exact in bfloat16, and their sums of squares in float64
+        x[0, 1, l] = (torch.arange(dim) % (3 + k) + 1).to(torch.bfloat16)
+    indices, scores = group_topk(x, num_groups=1, budget=2 * len(planted), return_scores=True)
+    assert indices.tolist() == [[*planted, *(tokens + l for l in planted)]]
+    row_scores = [x[0, 1, l].double().square().sum().sqrt().float() for l in planted]
+    assert torch.equal(scores, torch.stack(row_scores * 2).view(1, -1))
+
+
+def test_rlt_tokenize_past_two_to_the_31_tokens_is_refused():
+    # cu_seqlens are int32: 2^31 tokens (a stride-0 view, no memory) are a ValueError, never a wrap; so in the
+    # fake kernel (torch.compile's path), where 2^31 - 1 tokens still pass.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    message = r"^video: at most 2\^31 - 1 tokens .*; got 1 \* 2147483648 \* 1 \* 1 = 2147483648$"
+    many = torch.zeros(1, 1, 1, 1, 3, dtype=torch.uint8).expand(1, 2**31, 1, 1, 3)
+    with pytest.raises(ValueError, match=message):
+        rlt_tokenize(many, tubelet=1, patch=1)
+    floating = torch.zeros(1, 3, 1, 1, 1).expand(2, 3, 2**30, 1, 1)
+    with pytest.raises(ValueError, match=r"^video: at most 2\^31 - 1 tokens .*= 2147483648$"):
+        rlt_tokenize(floating, tubelet=1, patch=1)
+    with FakeTensorMode(shape_env=ShapeEnv()):
+        fits = torch.empty((1, 2**31 - 1, 1, 1, 3), dtype=torch.uint8)
+        assert torch.ops.vidfast.rlt_tokenize(fits, 1, 1)[3].shape == (2,)
+        with pytest.raises(ValueError, match=message):
+            torch.ops.vidfast.rlt_tokenize(torch.empty((1, 2**31, 1, 1, 3), dtype=torch.uint8), 1, 1)
 
 
 def test_varlen_attention_past_two_to_the_31_tokens_is_refused():

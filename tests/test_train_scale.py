@@ -267,3 +267,24 @@ def test_export_rejects_bad_paths(tmp_path):
     with pytest.raises(CheckpointError, match=r"\.metadata is missing"):
         train_main(["export", "--checkpoint", str(tmp_path / "checkpoints" / "step_00000003"), "--out",
                     str(tmp_path / "model.pth")])
+
+
+def test_context_close_passes_a_barrier_before_leaving_the_group(monkeypatch):
+    """Issue 15 (a rank aborted once at exit): no rank destroys its process group while a peer may still be in
+    the last collective, so close() is a barrier, then destroy_process_group (a one-process gloo group here)."""
+    import torch.distributed as dist
+
+    from pyvidfast.train.distributed import Context
+
+    for name in ("MASTER_ADDR", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+    for name in ("barrier", "destroy_process_group"):
+        original = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    ctx = Context("cpu", distributed=True)
+    assert ctx.grouped and dist.get_backend() == "gloo"
+    ctx.close()
+    assert calls == ["barrier", "destroy_process_group"] and not dist.is_initialized()
+    ctx.close()  # a second close is a no-op
+    assert calls == ["barrier", "destroy_process_group"]

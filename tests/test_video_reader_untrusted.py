@@ -2,8 +2,8 @@
 
 Crafted files made here: HLS playlists and ffconcat lists naming another local clip and a URL (served by a
 local socket that counts connections), a playlist named .mp4, a pattern for an image sequence, a data: URI; a
-YUV4MPEG file whose header claims a picture over the size limit; an MP4 sample over the packet size limit; a
-stream of packets that never give a frame."""
+YUV4MPEG file whose header claims a picture over the size limit; an MP4 sample over the packet size limit; an
+MP4 sample table listing more packets than the packet count limit; a stream of packets that never give a frame."""
 
 import shutil
 import socket
@@ -156,6 +156,33 @@ def test_packet_over_the_limit_fails(tmp_path):
     with pytest.raises(ValueError, match=f"huge_packet.mp4' has a packet of {big} bytes, over the reader's limit"):
         with VideoReader(lying) as r:
             r.get_frames([count - 1])
+
+
+def test_sample_table_over_the_packet_limit_fails(tmp_path):
+    # An MP4 whose sample table lists 2^24 + 1 one-byte samples in one chunk (over the 2^24 packet cap), and whose
+    # file holds them (a sparse hole): refused from the table with a clear error naming the file, before a scan
+    # reads 16 M packets one by one. The tables are edited in place with the fuzz corpus's box walker.
+    from test_fuzz_regressions import load_corpus_module
+
+    path = tmp_path / "clip.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=16x16:rate=25:duration=0.2", "-c:v", "mpeg4", "-movflags", "+faststart",
+           "-use_editlist", 0, path)
+    data = bytearray(path.read_bytes())
+    tables = {kind: payload for kind, _, payload, _ in load_corpus_module().boxes(bytes(data))}
+    samples = (1 << 24) + 1
+    struct.pack_into(">II", data, tables[b"stsz"] + 4, 1, samples)  # constant size 1, count
+    delta = struct.unpack_from(">I", data, tables[b"stts"] + 12)[0]
+    struct.pack_into(">III", data, tables[b"stts"] + 4, 1, samples, delta)  # one run of all samples
+    struct.pack_into(">IIII", data, tables[b"stsc"] + 4, 1, 1, samples, 1)  # one chunk holds them all
+    struct.pack_into(">I", data, tables[b"stco"] + 4, 1)  # that chunk: the first one, at the clip's first sample
+    chunk = struct.unpack_from(">I", data, tables[b"stco"] + 8)[0]
+    lying = tmp_path / "many_packets.mp4"
+    with open(lying, "wb") as f:
+        f.write(data)
+        f.truncate(chunk + samples)
+    with pytest.raises(ValueError, match=f"many_packets.mp4' lists {samples} video packets in its sample index, "
+                                         f"more than the reader's limit of {1 << 24}"):
+        VideoReader(lying)
 
 
 def test_decode_without_progress_stops(tmp_path):

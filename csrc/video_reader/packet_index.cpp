@@ -55,7 +55,10 @@ void scan_all_packets(Decoder& d, PacketIndex& index) {
 bool packets_from_sample_index(Decoder& d, std::vector<PacketInfo>& packets) {
   AVStream* st = d.stream();
   const int64_t n = avformat_index_get_entries_count(st);
-  if (n <= 0 || n > kMaxPackets) return false;  // (over the limit: the packet scan says so)
+  if (n <= 0) return false;
+  // A table claiming more packets than the cap is refused now: the scan would read them all before saying so.
+  TORCH_CHECK_VALUE(n <= kMaxPackets, d.source.argument(), ": ", d.path, " lists ", n,
+                    " video packets in its sample index, more than the reader's limit of ", kMaxPackets);
   Mp4Track track;
   if (!read_mp4_track(d.fmt->pb, st->id, &track)) return false;
   if (static_cast<int64_t>(track.sizes.size()) != n) return false;

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# rlt_tokenize's cu_seqlens (and its CUDA gather's grid) count tokens in int32.
+MAX_TOKENS = 2**31 - 1
 
 
 class PackedTokens(NamedTuple):
@@ -70,8 +72,13 @@ def rlt_tokenize(
 
     ``patches @ conv3d.weight.reshape(D, -1).T + conv3d.bias`` equals a Conv3d patch embedding (kernel = stride =
     ``(tubelet, patch, patch)``) of the normalized video at ``positions``. Tokens of a clip come in (t', h', w')
-    raster order, clips in batch order. Gradients flow to a floating ``video``.
+    raster order, clips in batch order. Gradients flow to a floating ``video``. At most :data:`MAX_TOKENS`
+    tokens (kept or not) per call: more is a ValueError.
     """
+    if video.dim() == 5 and tubelet >= 1 and patch >= 1:  # (other bad arguments: the op names them)
+        uint8 = video.dtype == torch.uint8
+        batch, frames, height, width = video.shape[:4] if uint8 else (video.shape[0], *video.shape[2:])
+        _check_token_count((batch, frames // tubelet, height // patch, width // patch))
     out = torch.ops.vidfast.rlt_tokenize(
         video, tubelet, patch, float(threshold), _floats(mean), _floats(std), out_dtype
     )
@@ -119,6 +126,14 @@ def _token_grid(video: Tensor, tubelet: int, patch: int) -> tuple[int, int, int,
     return batch, frames // tubelet, height // patch, width // patch
 
 
+def _check_token_count(grid) -> None:
+    """A ValueError for a token grid (B, T', H', W') of more than MAX_TOKENS tokens, before any kernel runs."""
+    tokens = grid[0] * grid[1] * grid[2] * grid[3]
+    if tokens > MAX_TOKENS:  # (a plain branch: under torch.compile, a guard on the sizes)
+        raise ValueError(f"video: at most 2^31 - 1 tokens (B * T' * H' * W', counted in int32); got "
+                         f"{' * '.join(map(str, grid))} = {tokens}")
+
+
 @torch.library.register_fake("vidfast::rlt_mask")
 def _rlt_mask_fake(video, tubelet=2, patch=16, threshold=0.1, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     grid = _token_grid(video, tubelet, patch)
@@ -127,7 +142,9 @@ def _rlt_mask_fake(video, tubelet=2, patch=16, threshold=0.1, mean=IMAGENET_MEAN
 
 @torch.library.register_fake("vidfast::rlt_tokenize")
 def _rlt_tokenize_fake(video, tubelet=2, patch=16, threshold=0.1, mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=None):
-    batch = _token_grid(video, tubelet, patch)[0]
+    grid = _token_grid(video, tubelet, patch)
+    _check_token_count(grid)
+    batch = grid[0]
     n = torch.library.get_ctx().new_dynamic_size()
     return (
         video.new_empty((n, 3 * tubelet * patch * patch), dtype=out_dtype or torch.float32),

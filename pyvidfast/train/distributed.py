@@ -81,7 +81,12 @@ class Context:
             dist.barrier()
 
     def close(self) -> None:
+        """Leaves the process group once every rank is done with it: the barrier keeps a rank that returned from
+        the last collective first (rank 0 after a DCP save) from tearing its side of the group down while a peer
+        is still inside that collective. Called on the normal path only: after an error a barrier would wait for
+        peers that may never come."""
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
