@@ -5,11 +5,13 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -139,3 +141,22 @@ def grouped_bar_chart(labels: list[str], series: dict[str, list[float]], ylabel:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def cpu_allocations(run) -> tuple[list[tuple[float, int]], float]:
+    """``run()`` under the profiler's memory events: [(time in us, bytes allocated by then since the start)] in
+    time order, and the time the ``"forward"`` range that ``run`` opens ends."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    memory = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0),
+                    key=lambda e: e["ts"])
+    if not memory:
+        raise RuntimeError("the profiler recorded no CPU memory events")
+    # The running total counts every allocation since profiling first started in this process: start from zero.
+    start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
+    forward = next(e for e in events if e.get("name") == "forward" and e.get("ph") == "X")
+    return [(e["ts"], e["args"]["Total Allocated"] - start) for e in memory], forward["ts"] + forward["dur"]

@@ -40,9 +40,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import record_function
 
-from bench.common import markdown_table, write_json
+from bench.common import cpu_allocations, markdown_table, write_json
 from bench.train import run_training, sample_list
 from pyvidfast import samples
 from pyvidfast.train.__main__ import parse_args
@@ -53,25 +53,6 @@ from pyvidfast.train.tasks import get_task
 
 MIB = 2**20
 RANK_CONFIGS = {"DDP": [], "FSDP2": ["--fsdp"], "FSDP2 + AC": ["--fsdp", "--activation-checkpointing"]}
-
-
-def _cpu_allocations(run) -> tuple[list[tuple[float, int]], float]:
-    """``run()`` under the profiler's memory events: [(time in us, bytes allocated by then since the start)] in
-    time order, and the time the ``"forward"`` range that ``run`` opens ends."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    memory = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0),
-                    key=lambda e: e["ts"])
-    if not memory:
-        raise RuntimeError("the profiler recorded no CPU memory events")
-    # The running total counts every allocation since profiling first started in this process: start from zero.
-    start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
-    forward = next(e for e in events if e.get("name") == "forward" and e.get("ph") == "X")
-    return [(e["ts"], e["args"]["Total Allocated"] - start) for e in memory], forward["ts"] + forward["dur"]
 
 
 def activation_memory(objective, batch, device: torch.device) -> dict:
@@ -95,7 +76,7 @@ def activation_memory(objective, batch, device: torch.device) -> dict:
         loss.backward()
         peak = torch.cuda.max_memory_allocated(device) - before
     else:
-        totals, forward_end = _cpu_allocations(forward_backward)
+        totals, forward_end = cpu_allocations(forward_backward)
         saved = next((total for ts, total in reversed(totals) if ts <= forward_end), 0)
         peak = max(total for _, total in totals)
     grads = sum(p.grad.numel() * p.grad.element_size() for p in parameters if p.grad is not None)

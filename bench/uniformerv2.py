@@ -4,8 +4,10 @@ tests/reference_uniformerv2.py, on the same weights) and against VideoMAE V2 ViT
 
 For each configuration x frames x batch x mode (``forward``: inference under no_grad in eval mode; ``train``:
 forward + cross-entropy + backward in train mode, drop path 0), the three models run back to back in each round, so
-load changes on a shared machine hit all of them. Reported: median time, clips/s, peak memory of one call (CUDA: max
-allocated; CPU: peak RSS growth), and our speed-up over the official forward.
+load changes on a shared machine hit all of them. Reported: median time, clips/s, peak memory of one call counted by
+the allocator above the level before it (gradients of an earlier step freed first; CUDA: max allocated; CPU: the
+running total of the profiler's memory events, which RSS growth only approximates), and our speed-up over the
+official forward.
 
 The default run is sized for a 2-core CPU (batch 1, 8 frames, 2 rounds; about 3 minutes); on CUDA the default is the
 full matrix (8 and 16 frames, batch 1 and 8). ``VIDFAST_NVTX=1`` adds the models' NVTX ranges for nsys.
@@ -23,8 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import markdown_table, write_json
-from bench.model import PeakMemory, load_batch
+from torch.profiler import record_function
+
+from bench.common import cpu_allocations, markdown_table, write_json
+from bench.model import load_batch
 from pyvidfast import samples
 from pyvidfast.models import create_model
 from pyvidfast.models.layers import normalize_video
@@ -72,14 +76,32 @@ def make_step(model, x, labels, mode, dtype):
     return step
 
 
+def allocator_peak(model, step, device: torch.device) -> int:
+    """Peak bytes the allocator holds during ``step()`` above the level before it (the model's gradients freed
+    first, so a training step counts its activations and new gradients)."""
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+
+    def run():
+        with record_function("forward"):  # the range cpu_allocations looks for
+            step()
+
+    totals, _ = cpu_allocations(run)
+    return max(total for _, total in totals)
+
+
 def run_case(models, x, labels, mode, dtype, repeats, sync):
     steps = {name: make_step(m, x, labels, mode, dtype) for name, m in models.items()}
     peaks = {}
     for name, step in steps.items():  # warm-up, then one call under the memory probe
         step()
-        with PeakMemory(x.device) as probe:
-            step()
-        peaks[name] = probe.peak
+        peaks[name] = allocator_peak(models[name], step, x.device)
     times = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():

@@ -84,6 +84,52 @@ def test_matches_official_forward(config, frames):
         assert (ours(x) - want).abs().max() > 1e-4 * scale
 
 
+@pytest.mark.parametrize("config,frames", [("kinetics", 5), ("ssv2", 7)])
+def test_gradients_match_official(config, frames):
+    ours = randomize(tiny(config)).double().eval()  # eval: no dropout; BN uses its (random) running statistics
+    ref = tiny_reference(config).double().eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = video(2, frames)
+    weights = torch.randn(2, TINY["num_classes"], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for model in (ours, ref):
+        (model(x) * weights).sum().backward()
+    want = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        scale = want[name].grad.abs().max().item()
+        assert scale > 0, name  # every parameter's gradient is live with the zero-inits re-randomized
+        assert (p.grad - want[name].grad).abs().max().item() <= 1e-9 * scale, name
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward of model(x)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return sum(storages.values())
+
+
+def test_quick_gelu_keeps_only_its_input():
+    x = torch.randn(3, 11, 40, dtype=torch.float64, requires_grad=True)
+    gelu = uv2.QuickGELU()
+    assert torch.equal(gelu(x), x * torch.sigmoid(1.702 * x))
+    assert torch.autograd.gradcheck(gelu, (x,))
+    assert saved_bytes(gelu, x) == x.numel() * x.element_size()
+
+
+@pytest.mark.parametrize("config", ["kinetics", "ssv2"])
+def test_training_keeps_less_than_official(config):
+    ours = randomize(tiny(config)).train()
+    ref = tiny_reference(config).train()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = video(2, 8, dtype=torch.float32)
+    assert saved_bytes(ours, x) < saved_bytes(ref, x)
+
+
 def test_frozen_matches_official_and_freezes():
     ours = randomize(tiny("ssv2", frozen=True)).double().eval()
     c = CONFIGS["ssv2"]

@@ -71,9 +71,27 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x.to(compute)).to(x.dtype)
 
 
+class QuickGELUFunction(torch.autograd.Function):
+    """``x * sigmoid(1.702 x)`` keeping only x for the backward (autograd would also keep the sigmoid, one more
+    MLP-hidden-sized tensor per block) and recomputing the sigmoid there."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.mul(x, 1.702).sigmoid_().mul_(x)  # one temporary, reused for the result
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        gate = torch.mul(x, 1.702).sigmoid_()
+        # d/dx [x s(a x)] = s + a x s (1 - s), and sigmoid_backward(g, s) = g s (1 - s)
+        return torch.ops.aten.sigmoid_backward(grad * x, gate).mul_(1.702).addcmul_(grad, gate)
+
+
 class QuickGELU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return QuickGELUFunction.apply(x)
 
 
 class MultiheadAttention(nn.Module):
