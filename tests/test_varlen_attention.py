@@ -183,6 +183,24 @@ def test_unknown_cpu_path_raises():
     assert "ValueError: VIDFAST_ATTENTION_PATH: expected brgemm, avx2 or default; got 'avx1024'" in run.stderr
 
 
+BENCH_LIMIT = """
+import torch
+from bench.varlen_attention import usable_matmul_limit
+rate = lambda f32, bf16: {str(torch.float32): {"gflop_per_s": f32}, str(torch.bfloat16): {"gflop_per_s": bf16}}
+print(usable_matmul_limit(rate(140.0, 1.2))[str(torch.bfloat16)], usable_matmul_limit(rate(140.0, 900.0))[str(torch.bfloat16)])
+"""
+
+
+def test_bench_matmul_limit_of_widened_bfloat16():
+    """The benchmark's matmul limit for bfloat16 is float32's where a bfloat16 matmul is slower (AVX2: ours widens
+    the tiles to float32), the bfloat16 one where it is faster (16-bit dot products). A subprocess, because the
+    benchmark module changes malloc's settings on import."""
+    run = subprocess.run([sys.executable, "-c", BENCH_LIMIT], cwd=Path(__file__).parents[1], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["140.0", "900.0"], run.stdout + run.stderr
+
+
 def test_float64_gradcheck():
     q, k, v, cu_q, cu_k = random_inputs([3, 0, 5], [4, 0, 5], heads=2, kv_heads=1, head_dim=8, dtype=torch.float64)
     for causal in (False, True):
