@@ -152,8 +152,9 @@ def test_negative_scale_and_large_scores(device):
 
 
 # The reference tests above, run again in a fresh process per CPU path: the path is chosen once per process. (The
-# -k expression leaves this test out, or each run would start another.)
-REFERENCE_TESTS = "matches_reference or grouped_query or odd_lengths or different_query"
+# -k expression leaves this test out, or each run would start another.) Of the 1567-token cases only head dim 64
+# (the others test the AVX2 path's compiled head dims, which this process's own run covers where it is the path).
+REFERENCE_TESTS = "matches_reference or grouped_query or (odd_lengths and 64) or different_query"
 PRINT_PATH = "from pyvidfast.ops.varlen_attention import cpu_path; print(cpu_path())"
 
 
