@@ -389,8 +389,9 @@ def test_group_topk_cpu_past_two_to_the_31_elements():
 
 
 def test_rlt_tokenize_past_two_to_the_31_tokens_is_refused():
-    # cu_seqlens are int32: 2^31 tokens (a stride-0 view, no memory) are a ValueError, never a wrap; so in the
-    # fake kernel (torch.compile's path), where 2^31 - 1 tokens still pass.
+    # cu_seqlens are int32: 2^31 tokens (a stride-0 view, no memory) are a ValueError from the op itself (the
+    # wrapper adds no check of its own), never a wrap; so in the fake kernel (torch.compile's path), where
+    # 2^31 - 1 tokens still pass.
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 

@@ -5,6 +5,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
 
 namespace vidfast::rlt {
 
@@ -60,6 +62,13 @@ Params check_arguments(const at::Tensor& video, int64_t tubelet, int64_t patch, 
                        p.out_dtype != at::kFloat8_e5m2fnuz,
                    "out_dtype: expected float32, float64, float16 or bfloat16; got ", p.out_dtype);
   return p;
+}
+
+void check_token_count(const Grid& g) {
+  const int64_t tokens = g.batch * g.tokens_per_clip();
+  TORCH_CHECK_VALUE(tokens <= std::numeric_limits<int32_t>::max(),
+                    "video: at most 2^31 - 1 tokens (B * T' * H' * W', counted in int32); got ", g.batch, " * ", g.tp,
+                    " * ", g.hp, " * ", g.wp, " = ", tokens);
 }
 
 at::Tensor cu_seqlens_from_keep(const at::Tensor& keep) {

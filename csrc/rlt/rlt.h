@@ -20,6 +20,10 @@ struct Params {
 Params check_arguments(const at::Tensor& video, int64_t tubelet, int64_t patch, double threshold,
                        at::ArrayRef<double> mean, at::ArrayRef<double> std, std::optional<at::ScalarType> out_dtype);
 
+// rlt_tokenize counts tokens in int32 (cu_seqlens, the CUDA gather's grid): a ValueError for more than 2^31 - 1,
+// raised before any pixel is gathered (on the CPU, before the video is read or copied).
+void check_token_count(const Grid& grid);
+
 // Packs per-clip token counts into the outputs of rlt_tokenize that do not depend on pixels.
 at::Tensor cu_seqlens_from_keep(const at::Tensor& keep);
 

@@ -75,10 +75,6 @@ def rlt_tokenize(
     raster order, clips in batch order. Gradients flow to a floating ``video``. At most :data:`MAX_TOKENS`
     tokens (kept or not) per call: more is a ValueError.
     """
-    if video.dim() == 5 and tubelet >= 1 and patch >= 1:  # (other bad arguments: the op names them)
-        uint8 = video.dtype == torch.uint8
-        batch, frames, height, width = video.shape[:4] if uint8 else (video.shape[0], *video.shape[2:])
-        _check_token_count((batch, frames // tubelet, height // patch, width // patch))
     out = torch.ops.vidfast.rlt_tokenize(
         video, tubelet, patch, float(threshold), _floats(mean), _floats(std), out_dtype
     )
@@ -127,7 +123,8 @@ def _token_grid(video: Tensor, tubelet: int, patch: int) -> tuple[int, int, int,
 
 
 def _check_token_count(grid) -> None:
-    """A ValueError for a token grid (B, T', H', W') of more than MAX_TOKENS tokens, before any kernel runs."""
+    """The fake kernel's copy of the op's check (csrc/rlt/rlt.cpp, ``check_token_count``): a ValueError for a
+    token grid (B, T', H', W') of more than MAX_TOKENS tokens."""
     tokens = grid[0] * grid[1] * grid[2] * grid[3]
     if tokens > MAX_TOKENS:  # (a plain branch: under torch.compile, a guard on the sizes)
         raise ValueError(f"video: at most 2^31 - 1 tokens (B * T' * H' * W', counted in int32); got "

@@ -63,6 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rlt_tokenize_cpu(
     at::ArrayRef<double> std, std::optional<at::ScalarType> out_dtype) {
   const Params p = check_arguments(video_in, tubelet, patch, threshold, mean, std, out_dtype);
   const Grid& g = p.grid;
+  check_token_count(g);
   const at::Tensor video = video_in.contiguous();
   const auto options = video.options();
   const int64_t rows = g.batch * g.tp * g.hp, dim = g.patch_dim();

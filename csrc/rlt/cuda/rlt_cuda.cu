@@ -139,6 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rlt_tokenize_cuda(
     at::ArrayRef<double> std, std::optional<at::ScalarType> out_dtype) {
   auto [p, video, keep, lengths] = mask_and_lengths(video_in, tubelet, patch, threshold, mean, std, out_dtype);
   const Grid& g = p.grid;
+  check_token_count(g);
   const c10::cuda::CUDAGuard guard(video.device());
   auto cu_seqlens = cu_seqlens_from_keep(keep);
   auto scan = keep.reshape({-1}).cumsum(0, at::kLong);
