@@ -143,9 +143,9 @@ def grouped_bar_chart(labels: list[str], series: dict[str, list[float]], ylabel:
     return out
 
 
-def cpu_allocations(run) -> tuple[list[tuple[float, int]], float]:
+def cpu_allocations(run) -> tuple[list[tuple[float, int]], float | None]:
     """``run()`` under the profiler's memory events: [(time in us, bytes allocated by then since the start)] in
-    time order, and the time the ``"forward"`` range that ``run`` opens ends."""
+    time order, and the time a ``"forward"`` range that ``run`` may open ends (None without one)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,5 +158,6 @@ def cpu_allocations(run) -> tuple[list[tuple[float, int]], float]:
         raise RuntimeError("the profiler recorded no CPU memory events")
     # The running total counts every allocation since profiling first started in this process: start from zero.
     start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
-    forward = next(e for e in events if e.get("name") == "forward" and e.get("ph") == "X")
-    return [(e["ts"], e["args"]["Total Allocated"] - start) for e in memory], forward["ts"] + forward["dur"]
+    forward = next((e for e in events if e.get("name") == "forward" and e.get("ph") == "X"), None)
+    totals = [(e["ts"], e["args"]["Total Allocated"] - start) for e in memory]
+    return totals, None if forward is None else forward["ts"] + forward["dur"]

@@ -25,8 +25,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from torch.profiler import record_function
-
 from bench.common import cpu_allocations, markdown_table, write_json
 from bench.model import load_batch
 from pyvidfast import samples
@@ -87,12 +85,7 @@ def allocator_peak(model, step, device: torch.device) -> int:
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-
-    def run():
-        with record_function("forward"):  # the range cpu_allocations looks for
-            step()
-
-    totals, _ = cpu_allocations(run)
+    totals, _ = cpu_allocations(step)
     return max(total for _, total in totals)
 
 

@@ -130,6 +130,21 @@ def test_training_keeps_less_than_official(config):
     assert saved_bytes(ours, x) < saved_bytes(ref, x)
 
 
+def test_bench_allocator_peak_counts_a_training_step():
+    """bench.uniformerv2's CPU peak (the profiler's memory events, no profiler range needed): a training step holds
+    at least the new gradients."""
+    from bench.common import cpu_allocations
+    from bench.uniformerv2 import allocator_peak, make_step
+
+    model = randomize(tiny("ssv2"))
+    step = make_step(model, video(1, 8, dtype=torch.float32), torch.tensor([3]), "train", torch.float32)
+    step()
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert grad_bytes <= allocator_peak(model, step, torch.device("cpu")) < 20 * grad_bytes
+    totals, forward_end = cpu_allocations(lambda: torch.ones(1000))
+    assert forward_end is None and max(total for _, total in totals) >= 4000
+
+
 def test_frozen_matches_official_and_freezes():
     ours = randomize(tiny("ssv2", frozen=True)).double().eval()
     c = CONFIGS["ssv2"]
