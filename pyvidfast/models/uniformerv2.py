@@ -33,7 +33,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from pyvidfast import ops
-from pyvidfast.models.layers import DataConfig, DropPath, Packing, attention, drop_path_rates
+from pyvidfast.models.layers import DataConfig, DropPath, attention, drop_path_rates
 from pyvidfast.models.registry import read_hf_config, read_state_dict, register_model
 from pyvidfast.profiling import nvtx_range
 
@@ -122,21 +122,34 @@ class MultiheadAttention(nn.Module):
         out = ops.varlen_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, length, length)
         return self.out_proj(out.view(rows, length, -1))
 
-    def cross(self, query: Tensor, context: Tensor, context_cu_seqlens: Tensor | None = None,
-              context_max_seqlen: int = 0) -> Tensor:
+    def cross(self, query: Tensor, context: Tensor, lengths: list[int] | None = None) -> Tensor:
         """One query per clip attending over its clip's context: query [B, 1, C]; context [B, M, C] (dense) or
-        packed [sum M_b, C] with ``context_cu_seqlens`` [B + 1]; returns [B, 1, C]."""
+        packed [sum M_b, C] with the clips' token counts ``lengths``; returns [B, 1, C].
+
+        With a single query the projections move off the context, the same result with no [M, 2C] keys and values
+        computed or kept: the key projection folds into the query (scores = context @ (W_k^T q); the key bias adds
+        one constant to all scores of a head, which the softmax cancels) and the value projection comes after the
+        pooling (the weights sum to 1, so its bias passes through). The context then meets only [H, C] matrices:
+        per global block 2 x M x C x H multiply-adds instead of 2 x M x C x C."""
         dim = query.shape[-1]
-        q = F.linear(query, self.in_proj_weight[:dim], self.in_proj_bias[:dim])
-        kv = F.linear(context, self.in_proj_weight[dim:], self.in_proj_bias[dim:])
-        q = q.unflatten(-1, (self.num_heads, self.head_dim))
-        k, v = kv.unflatten(-1, (2, self.num_heads, self.head_dim)).unbind(-3)
-        if context_cu_seqlens is None:
-            out = attention(q, k, v)
-        else:
-            cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
-            out = ops.varlen_attention(q[:, 0], k, v, cu_q, context_cu_seqlens, 1, context_max_seqlen)[:, None]
-        return self.out_proj(out.flatten(-2))
+        heads, head_dim = self.num_heads, self.head_dim
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, _, b_v = self.in_proj_bias.chunk(3)
+        q = F.linear(query[:, 0], w_q, b_q).view(-1, heads, head_dim) * head_dim ** -0.5
+        q_keys = torch.einsum("bhd,hdc->bhc", q, w_k.view(heads, head_dim, dim))  # [B, H, C]
+        if lengths is None:
+            pooled = _softmax_pool(q_keys, context)
+        else:  # packed clips: each query pools its own clip's tokens
+            pooled = torch.cat([_softmax_pool(q_keys[b:b + 1], part[None])
+                                for b, part in enumerate(context.split(lengths))])
+        out = torch.einsum("bhc,hdc->bhd", pooled, w_v.view(heads, head_dim, dim)) + b_v.view(heads, head_dim)
+        return self.out_proj(out.flatten(-2))[:, None]
+
+
+def _softmax_pool(q_keys: Tensor, context: Tensor) -> Tensor:
+    """softmax(q_keys @ context^T) @ context: q_keys [B, H, C], context [B, M, C] -> [B, H, C]."""
+    weights = torch.bmm(q_keys, context.transpose(1, 2)).softmax(dim=-1)
+    return torch.bmm(weights, context)
 
 
 def _mlp(dim: int, hidden: int, dropout: float | None = None) -> nn.Sequential:
@@ -288,9 +301,9 @@ class Extractor(nn.Module):
         nn.init.zeros_(self.mlp.c_proj.weight)
         nn.init.zeros_(self.mlp.c_proj.bias)
 
-    def forward(self, query: Tensor, context: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0):
-        """query [B, 1, C]; context [B, M, C], or packed [sum M_b, C] with ``cu_seqlens``."""
-        query = query + self.drop_path(self.attn.cross(self.ln_1(query), self.ln_3(context), cu_seqlens, max_seqlen))
+    def forward(self, query: Tensor, context: Tensor, lengths: list[int] | None = None):
+        """query [B, 1, C]; context [B, M, C], or packed [sum M_b, C] with the clips' token counts ``lengths``."""
+        query = query + self.drop_path(self.attn.cross(self.ln_1(query), self.ln_3(context), lengths))
         return query + self.drop_path(self.mlp(self.ln_2(query)))
 
 
@@ -341,11 +354,7 @@ class Transformer(nn.Module):
         """x: stem tokens [F, 1 + HW, C] of clips with ``frames`` frames each -> logits [len(frames), classes]."""
         num_clips, dim = len(frames), x.shape[-1]
         uniform = _is_uniform(frames)
-        if uniform:
-            cu_seqlens, max_seqlen = None, 0
-        else:  # packed context: clip b owns frames[b] * (1 + HW) tokens
-            packing = Packing.from_lengths([t * x.shape[1] for t in frames], device=x.device)
-            cu_seqlens, max_seqlen = packing.cu_seqlens, packing.max_seqlen
+        lengths = None if uniform else [t * x.shape[1] for t in frames]  # packed context: frames[b] * (1 + HW)
         query = self.temporal_cls_token.to(x.dtype).expand(num_clips, 1, dim)
         j = 0
         with nvtx_range("uniformerv2.backbone"):
@@ -358,7 +367,7 @@ class Transformer(nn.Module):
                     with nvtx_range("uniformerv2.global"):
                         context = self._global_context(x, j, frames)
                         context = context.view(num_clips, -1, dim) if uniform else context.flatten(0, 1)
-                        query = self.dec[j](query, context, cu_seqlens, max_seqlen)
+                        query = self.dec[j](query, context, lengths)
                     j += 1
         with nvtx_range("uniformerv2.head"):
             query = query[:, 0]
