@@ -121,6 +121,28 @@ def test_quick_gelu_keeps_only_its_input():
     assert saved_bytes(gelu, x) == x.numel() * x.element_size()
 
 
+@pytest.mark.parametrize("clips,channels_last", [(1, True), (2, False)])
+def test_depthwise_conv3d_function_matches_conv3d(clips, channels_last):
+    """The DPE's depthwise conv with its backward as two forward convs: gradcheck, and values and gradients equal
+    nn.Conv3d's on odd sizes (several clips: grad_weight sums them)."""
+    g = torch.Generator().manual_seed(7)
+    conv = nn.Conv3d(5, 5, 3, padding=1, groups=5).double()
+    with torch.no_grad():
+        conv.bias.normal_(generator=g)
+    x = torch.randn(clips, 5, 3, 4, 6, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_()
+    fn = uv2.DepthwiseConv3dFunction.apply
+    assert torch.autograd.gradcheck(fn, (x, conv.weight, conv.bias))
+    weights = torch.randn(clips, 5, 3, 4, 6, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((uv2.depthwise_conv3d(conv, x) * weights).sum(), (x, conv.weight, conv.bias))
+    want = torch.autograd.grad((conv(x) * weights).sum(), (x, conv.weight, conv.bias))
+    assert torch.allclose(uv2.depthwise_conv3d(conv, x), conv(x), rtol=0, atol=1e-12)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("config", ["kinetics", "ssv2"])
 def test_training_keeps_less_than_official(config):
     ours = randomize(tiny(config)).train()
