@@ -75,7 +75,7 @@ class LayerNorm(nn.LayerNorm):
 
 class QuickGELUFunction(torch.autograd.Function):
     """``x * sigmoid(1.702 x)`` keeping only x for the backward (autograd would also keep the sigmoid, one more
-    MLP-hidden-sized tensor per block) and recomputing the sigmoid there."""
+    MLP-hidden-sized tensor per block) and differentiating through ATen's fused silu backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -86,9 +86,9 @@ class QuickGELUFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
-        gate = torch.mul(x, 1.702).sigmoid_()
-        # d/dx [x s(a x)] = s + a x s (1 - s), and sigmoid_backward(g, s) = g s (1 - s)
-        return torch.ops.aten.sigmoid_backward(grad * x, gate).mul_(1.702).addcmul_(grad, gate)
+        # x s(a x) = silu(a x) / a, so its derivative is silu'(a x): ATen's fused silu backward, one pass (five ops
+        # through the sigmoid took 1.8x as long on an MLP hidden tensor)
+        return torch.ops.aten.silu_backward(grad, torch.mul(x, 1.702))
 
 
 class QuickGELU(nn.Module):
