@@ -121,6 +121,29 @@ def test_quick_gelu_keeps_only_its_input():
     assert saved_bytes(gelu, x) == x.numel() * x.element_size()
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 6, 4), (1, 3, 6, 4), (2, 7, 4), (1, 6, 4)])
+@pytest.mark.parametrize("size", [3, 5])
+def test_temporal_conv_function_matches_conv3d(shape, size):
+    """The local UniBlock's depthwise temporal conv on the token layout [B?, T, HW, C] (T down to 1, below the
+    kernel): gradcheck, and values and gradients equal nn.Conv3d's on the video layout."""
+    g = torch.Generator().manual_seed(11)
+    channels = shape[-1]
+    conv = nn.Conv3d(channels, channels, (size, 1, 1), padding=(size // 2, 0, 0), groups=channels).double()
+    with torch.no_grad():
+        conv.bias.normal_(generator=g)
+    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = conv.weight.view(channels, size)
+    assert torch.autograd.gradcheck(uv2.TemporalConvFunction.apply, (x, weight, conv.bias))
+    clips = x if x.dim() == 4 else x[None]
+    want = conv(clips.permute(0, 3, 1, 2)[..., None])[..., 0].permute(0, 2, 3, 1).reshape(shape)
+    got = uv2.temporal_conv(conv, x)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    weights = torch.randn(shape, generator=g, dtype=torch.float64)
+    grads = [torch.autograd.grad((out * weights).sum(), (x, conv.weight, conv.bias)) for out in (got, want)]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("clips,channels_last", [(1, True), (2, False)])
 def test_depthwise_conv3d_function_matches_conv3d(clips, channels_last):
     """The DPE's depthwise conv with its backward as two forward convs: gradcheck, and values and gradients equal
