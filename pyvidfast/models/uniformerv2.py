@@ -17,8 +17,8 @@ Structure (input: normalized video ``[B, 3, T, H, W]``, H = W = ``img_size``):
 * head: ``(1 - w) * query + w * mean_T(class token)`` with ``w = sigmoid(balance)``, then LayerNorm, dropout, Linear.
 
 Frames are kept as a batch of frames ``[F, 1 + HW, C]`` (F = all frames of all clips), so :meth:`forward_packed`
-runs clips of different lengths together: only the temporal convolutions are split per clip, and the global
-cross-attention goes through ``pyvidfast.ops.varlen_attention`` with one query per clip.
+runs clips of different lengths together: only the temporal convolutions and the global cross-attention's softmax
+pooling (one query per clip) are split per clip.
 """
 
 import math
@@ -532,8 +532,8 @@ class UniFormerV2(nn.Module):
     def forward_packed(self, clips: list[Tensor]) -> Tensor:
         """Clips of different frame counts in one call, without padding: ``clips`` is a list of normalized
         ``[3, T_b, H, W]`` tensors; returns logits ``[len(clips), num_classes]``, equal to calling the model on each
-        clip alone. The backbone runs on all frames together, the temporal convs per clip, and the global
-        cross-attention through ``varlen_attention`` (one query per clip)."""
+        clip alone. The backbone runs on all frames together, the temporal convs and the global cross-attention's
+        pooling per clip."""
         if not clips:
             raise ValueError("clips: expected at least one clip")
         for b, clip in enumerate(clips):
