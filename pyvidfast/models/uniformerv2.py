@@ -17,8 +17,8 @@ Structure (input: normalized video ``[B, 3, T, H, W]``, H = W = ``img_size``):
 * head: ``(1 - w) * query + w * mean_T(class token)`` with ``w = sigmoid(balance)``, then LayerNorm, dropout, Linear.
 
 Frames are kept as a batch of frames ``[F, 1 + HW, C]`` (F = all frames of all clips), so :meth:`forward_packed`
-runs clips of different lengths together: only the temporal convolutions and the global cross-attention's softmax
-pooling (one query per clip) are split per clip.
+runs clips of different lengths together: only the temporal convolutions are split per clip, and the global
+cross-attention runs through ``varlen_attention`` with one query per clip.
 """
 
 import math
@@ -128,23 +128,28 @@ class MultiheadAttention(nn.Module):
         """One query per clip attending over its clip's context: query [B, 1, C]; context [B, M, C] (dense) or
         packed [sum M_b, C] with the clips' token counts ``lengths``; returns [B, 1, C].
 
-        With a single query the projections move off the context, the same result with no [M, 2C] keys and values
-        computed or kept: the key projection folds into the query (scores = context @ (W_k^T q); the key bias adds
-        one constant to all scores of a head, which the softmax cancels) and the value projection comes after the
+        Dense, the projections move off the context, the same result with no [M, 2C] keys and values computed or
+        kept: the key projection folds into the query (scores = context @ (W_k^T q); the key bias adds one
+        constant to all scores of a head, which the softmax cancels) and the value projection comes after the
         pooling (the weights sum to 1, so its bias passes through). The context then meets only [H, C] matrices:
-        per global block 2 x M x C x H multiply-adds instead of 2 x M x C x C."""
+        per global block 2 x M x C x H multiply-adds instead of 2 x M x C x C. Packed clips go through
+        ``varlen_attention`` with one query per clip on projected keys and values (its CUDA kernels take head dims
+        up to 256, not the folded query's C)."""
         dim = query.shape[-1]
         heads, head_dim = self.num_heads, self.head_dim
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, _, b_v = self.in_proj_bias.chunk(3)
-        q = F.linear(query[:, 0], w_q, b_q).view(-1, heads, head_dim) * head_dim ** -0.5
-        q_keys = torch.einsum("bhd,hdc->bhc", q, w_k.view(heads, head_dim, dim))  # [B, H, C]
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q = F.linear(query[:, 0], w_q, b_q).view(-1, heads, head_dim)
         if lengths is None:
+            q_keys = torch.einsum("bhd,hdc->bhc", q * head_dim ** -0.5, w_k.view(heads, head_dim, dim))  # [B, H, C]
             pooled = _softmax_pool(q_keys, context)
-        else:  # packed clips: each query pools its own clip's tokens
-            pooled = torch.cat([_softmax_pool(q_keys[b:b + 1], part[None])
-                                for b, part in enumerate(context.split(lengths))])
-        out = torch.einsum("bhc,hdc->bhd", pooled, w_v.view(heads, head_dim, dim)) + b_v.view(heads, head_dim)
+            out = torch.einsum("bhc,hdc->bhd", pooled, w_v.view(heads, head_dim, dim)) + b_v.view(heads, head_dim)
+        else:
+            k = F.linear(context, w_k, b_k).view(-1, heads, head_dim)
+            v = F.linear(context, w_v, b_v).view(-1, heads, head_dim)
+            cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+            cu_k = F.pad(torch.tensor(lengths, device=q.device).cumsum(0), (1, 0)).to(torch.int32)
+            out = ops.varlen_attention(q, k, v, cu_q, cu_k, 1, max(lengths))
         return self.out_proj(out.flatten(-2))[:, None]
 
 
