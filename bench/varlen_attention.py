@@ -20,9 +20,7 @@ Run: python -m bench.varlen_attention [--quick] [--path brgemm|avx2|default]
 import argparse
 import ctypes
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 # Every allocation of 64 KiB or more gets its own mapping, returned on free, so the peak resident memory of a call
@@ -35,7 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.common import grouped_bar_chart, machine, markdown_table, matmul_rate, write_json  # noqa: E402
+from bench.common import grouped_bar_chart, machine, markdown_table, matmul_rate, time_interleaved, write_json  # noqa: E402
 from pyvidfast.ops import rlt_tokenize, varlen_attention  # noqa: E402
 from pyvidfast.ops.varlen_attention import CPU_PATHS, cpu_path  # noqa: E402
 from pyvidfast.io import decode_frames  # noqa: E402
@@ -189,24 +187,6 @@ def compiled_flex_attention():
 _compiled_flex = None
 
 
-def time_interleaved(fns: dict, repeats: int, once: set) -> dict:
-    """Median, min and max ms of each fn, timed in turns (one call of each per round) so that a change in the load of
-    a shared machine affects every path alike. Paths in `once` (slow ones) get one untimed-warmup-free call."""
-    times = {name: [] for name in fns}
-    for name, fn in fns.items():
-        if name not in once:
-            fn()  # warm-up (and compilation, for FlexAttention)
-    for round_ in range(repeats):
-        for name, fn in fns.items():
-            if name in once and round_ > 0:
-                continue
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "repeats": len(t)}
-            for name, t in times.items()}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -238,7 +218,7 @@ def main():
                  "gflop": flops / 1e9, "paths": {}}
         fns = {k: fn for k, fn in problem.paths(backward).items() if k not in skipped}
         # The nested path runs PyTorch's math kernel (slow): one run is enough to place it.
-        timed = time_interleaved(fns, args.repeats, once={"nested"})
+        timed = time_interleaved(fns, args.repeats, once=frozenset({"nested"}))
         for path in ("ours", *PEERS):
             if path not in timed:
                 entry["paths"][path] = dict(nan)
