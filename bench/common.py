@@ -32,12 +32,40 @@ def time_fn(fn, repeats: int = 10, warmup: int = 2, sync=None) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeats": repeats}
 
 
-def copy_bandwidth(nbytes: int, repeats: int = 10) -> dict:
-    """The memory floor: one copy of nbytes (read + write), as GB/s of bytes read, and its median time."""
+def time_interleaved(fns: dict, repeats: int, once: frozenset = frozenset()) -> dict:
+    """Median, min and max ms of each fn, timed in turns (one call of each per round) so that a change in the load of
+    a shared machine, or in the memory bandwidth it gets, affects every path alike. Paths in `once` (slow ones) get
+    one call and no warm-up."""
+    times = {name: [] for name in fns}
+    for name, fn in fns.items():
+        if name not in once:
+            fn()  # warm-up (and compilation, for FlexAttention)
+    for round_ in range(repeats):
+        for name, fn in fns.items():
+            if name in once and round_ > 0:
+                continue
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "repeats": len(t)}
+            for name, t in times.items()}
+
+
+def copy_floor(nbytes: int):
+    """The memory floor as a callable: one copy of nbytes (read + write) between two buffers made once."""
     src = torch.empty(nbytes, dtype=torch.uint8).random_()
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), repeats=repeats)
-    return {**t, "bytes": nbytes, "gb_per_s": nbytes / (t["median_ms"] * 1e-3) / 1e9}
+    return lambda: dst.copy_(src)
+
+
+def with_bandwidth(timing: dict, nbytes: int) -> dict:
+    """A copy's timing with its size and GB/s of bytes read."""
+    return {**timing, "bytes": nbytes, "gb_per_s": nbytes / (timing["median_ms"] * 1e-3) / 1e9}
+
+
+def copy_bandwidth(nbytes: int, repeats: int = 10) -> dict:
+    """The memory floor: one copy of nbytes, as GB/s of bytes read, and its median time."""
+    return with_bandwidth(time_fn(copy_floor(nbytes), repeats=repeats), nbytes)
 
 
 def matmul_rate(n: int = 1024, dtype=torch.float32, repeats: int = 5) -> dict:

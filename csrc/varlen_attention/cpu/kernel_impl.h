@@ -205,7 +205,13 @@ int64_t forward_key_block(bool panels, int64_t keys) {
   return ceil_div(ceil_div(keys, blocks), 16) * 16;
 }
 
-// Scores of one tile, S = scale Q K^T (rows x n, row stride kBlockK), each row's keys past its causal end zeroed;
+// Tiles of the AVX2 path's backward (below): whole micro-kernel rows (6) and panels (16) on both sides. On Zen 3,
+// 72-144 query rows x 144-240 keys ran within noise of each other (interleaved, one thread) and 8-16% faster than
+// the [256, 512] tiles of the other paths.
+constexpr int64_t kPanelBackwardBlockQ = 96;
+constexpr int64_t kPanelBackwardBlockK = 192;
+
+// Scores of one tile, S = scale Q K^T (rows x n, row stride ld), each row's keys past its causal end zeroed;
 // then row_fn(r, row, valid) with the number of keys row r sees in this tile. The forward and backward passes both
 // come through here, so the backward recomputes exactly the forward's scores: from K^T packed in `k_panels` when
 // given (the forward's panel path), from the 16-bit tiles q16, k16 when they are given (K^T packed into `pack`),
@@ -214,27 +220,27 @@ template <typename scalar_t, typename acc_t, typename RowFn>
 void score_tile(const Params& p, const SeqBounds& s, int64_t i0, int64_t kb, int64_t rows, int64_t n, int64_t d,
                 acc_t scale, const Tile<acc_t>& qt, const Tile<acc_t>& kt, const HalfTile<scalar_t>& q16,
                 const HalfTile<scalar_t>& k16, scalar_t* pack, [[maybe_unused]] const acc_t* k_panels,
-                acc_t* scores, RowFn&& row_fn) {
+                acc_t* scores, int64_t ld, RowFn&& row_fn) {
   using Vec = at::vec::Vectorized<acc_t>;
   bool scaled = true, done = false;
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
     if (k_panels != nullptr) {
-      gemm_panels(false, rows, n, d, scale, qt.data, qt.ld, k_panels, false, scores, kBlockK, true);
+      gemm_panels(false, rows, n, d, scale, qt.data, qt.ld, k_panels, false, scores, ld, true);
       done = true;
     }
   }
 #endif
   if constexpr (sizeof(scalar_t) == 2) {
     if (q16.data != nullptr) {
-      gemm_half(true, rows, n, d, q16.data, q16.ld, k16.data, k16.ld, pack, false, scores, kBlockK);
+      gemm_half(true, rows, n, d, q16.data, q16.ld, k16.data, k16.ld, pack, false, scores, ld);
       scaled = false;
       done = true;
     }
   }
-  if (!done) gemm(false, true, rows, n, d, scale, qt.data, qt.ld, kt.data, kt.ld, acc_t(0), scores, kBlockK);
+  if (!done) gemm(false, true, rows, n, d, scale, qt.data, qt.ld, kt.data, kt.ld, acc_t(0), scores, ld);
   for (int64_t r = 0; r < rows; ++r) {
-    acc_t* row = scores + r * kBlockK;
+    acc_t* row = scores + r * ld;
     const int64_t valid = std::clamp<int64_t>(key_end(i0 + r, s.lq, s.lk, p.causal) - kb, 0, n);
     if (!scaled) at::vec::map([scale](Vec x) { return x * Vec(scale); }, row, row, valid);
     std::fill(row + valid, row + n, acc_t(0));
@@ -317,7 +323,8 @@ void forward_typed(const Params& p, const at::Tensor& q, const at::Tensor& k, co
           const Tile<acc_t> qt_strip{qt.data ? qt.data + r0 * qt.ld : nullptr, qt.ld};
           acc_t* acc_strip = acc.data() + r0 * d;
           score_tile(p, s, i0 + r0, kb, m, n, d, scale, qt_strip, kt, q16_strip, k16, pack.data(),
-                     panels ? k_panels.data() : static_cast<const acc_t*>(nullptr), probs.data(), [&](int64_t r, acc_t* row, int64_t valid) {
+                     panels ? k_panels.data() : static_cast<const acc_t*>(nullptr), probs.data(), kBlockK,
+                     [&](int64_t r, acc_t* row, int64_t valid) {
                        if (valid > 0) {
                          acc_t& m_row = row_max[r0 + r];
                          const acc_t m_new = std::max(m_row, row_maximum(row, valid));
@@ -362,6 +369,35 @@ void forward_typed(const Params& p, const at::Tensor& q, const at::Tensor& k, co
   });
 }
 
+// The softmax backward's row terms of `rows` query rows of head h from token0 on: delta_i = sum_c dO_ic O_ic -
+// dlse_i (lse's own gradient enters here) and the shift that recomputes p = exp(s - shift) from the forward's lse.
+template <typename scalar_t, typename acc_t>
+void backward_row_terms(const Params& p, int64_t h, int64_t token0, int64_t rows, const Tile<acc_t>& dot,
+                        const scalar_t* o_rows, int64_t os0, const acc_t* lse_ptr, const acc_t* dlse_ptr, acc_t* delta,
+                        acc_t* shift) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* o_row = o_rows + r * os0;
+    const acc_t* do_row = dot.data + r * dot.ld;
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < p.head_dim; ++c) sum += do_row[c] * acc_t(o_row[c]);
+    const int64_t li = h * p.total_q + token0 + r;
+    delta[r] = sum - (dlse_ptr ? dlse_ptr[li] : acc_t(0));
+    shift[r] = backward_shift(lse_ptr[li]);
+  }
+}
+
+// dst row r = src row r (float32 accumulators, d per row) in scalar_t, for rows `stride` elements apart.
+template <typename scalar_t, typename acc_t>
+void store_rows(const acc_t* src, int64_t rows, int64_t d, scalar_t* dst, int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* a = src + r * d;
+    scalar_t* o = dst + r * stride;
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) o[c] = scalar_t(a[c]);
+  }
+}
+
 // One task per (sequence, key/value head): it owns the gradients of its keys and values (accumulated in float32
 // over every query head of its group) and, query block by query block, the complete gradient of those queries,
 // so no two threads ever write the same output.
@@ -374,9 +410,10 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
   const acc_t scale = acc_t(p.scale);
   const int64_t d = p.head_dim, group = p.group();
   std::vector<Task> tasks;
-  int64_t longest_k = 0;
+  int64_t longest_q = 0, longest_k = 0;
   for (int64_t b = 0; b < p.batch; ++b) {
     const SeqBounds s = bounds(cu_q, cu_k, b);
+    longest_q = std::max(longest_q, s.lq);
     longest_k = std::max(longest_k, s.lk);
     int64_t pairs = 0;  // visible (query, key) pairs, rounded to blocks
     for (int64_t i0 = 0; i0 < s.lq; i0 += kBlockQ) {
@@ -403,6 +440,85 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), os0 = out.stride(0), os1 = out.stride(1);
   const int64_t dos0 = grad_out.stride(0), dos1 = grad_out.stride(1);
 
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (use_panels<acc_t>()) {
+      // The AVX2 path, in flash-attention 2's loop order: key blocks outside, query blocks inside, with tiles small
+      // enough that a block pair's S, P and dS, the key block's K^T, V^T and K panels and its dK, dV accumulators
+      // all stay in L2 (a [256, 512] P and dS of the loop below are 1 MiB, twice a Zen 3 core's L2). Each head's Q
+      // and dO are packed once into panels per query block (the B operands of dK += dS^T Q and dV += P^T dO); its
+      // dQ accumulates in float32 over the key blocks.
+      constexpr int64_t block_q = kPanelBackwardBlockQ, block_k = kPanelBackwardBlockK;
+      parallel_dynamic(int64_t(tasks.size()), [&](auto next) {
+        const int64_t dp = ceil_div(d, kPanel) * kPanel, widen = std::is_same_v<scalar_t, float> ? 0 : 1;
+        std::vector<float> q_buf(widen * longest_q * d), do_buf(widen * longest_q * d);
+        std::vector<float> q_panels(longest_q * dp), do_panels(longest_q * dp), dq_acc(longest_q * d);
+        std::vector<float> delta(longest_q), shift(longest_q), dk_acc(longest_k * d), dv_acc(longest_k * d);
+        std::vector<float> kt_panels(panel_floats(d, block_k)), vt_panels(panel_floats(d, block_k));
+        std::vector<float> k_panels(panel_floats(block_k, d)), probs(block_q * block_k), dprobs(block_q * block_k);
+        for (int64_t t = next(); t >= 0; t = next()) {
+          const Task& task = tasks[t];
+          const SeqBounds s = bounds(cu_q, cu_k, task.seq);
+          const int64_t hk = task.head;
+          std::fill(dk_acc.begin(), dk_acc.begin() + s.lk * d, 0.0f);
+          std::fill(dv_acc.begin(), dv_acc.begin() + s.lk * d, 0.0f);
+          for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+            const Tile<float> qt = load_tile(q_ptr + s.q0 * qs0 + h * qs1, qs0, s.lq, d, q_buf.data());
+            const Tile<float> dot = load_tile(do_ptr + s.q0 * dos0 + h * dos1, dos0, s.lq, d, do_buf.data());
+            backward_row_terms(p, h, s.q0, s.lq, dot, o_ptr + s.q0 * os0 + h * os1, os0, lse_ptr, dlse_ptr,
+                               delta.data(), shift.data());
+            for (int64_t i0 = 0; i0 < s.lq; i0 += block_q) {
+              const int64_t rows = std::min(block_q, s.lq - i0);
+              pack_panels(false, rows, d, qt.data + i0 * qt.ld, qt.ld, q_panels.data() + i0 * dp);
+              pack_panels(false, rows, d, dot.data + i0 * dot.ld, dot.ld, do_panels.data() + i0 * dp);
+            }
+            std::fill(dq_acc.begin(), dq_acc.begin() + s.lq * d, 0.0f);
+            for (int64_t kb = 0; kb < s.lk; kb += block_k) {
+              const int64_t n = std::min(block_k, s.lk - kb);
+              const scalar_t* k_rows = k_ptr + (s.k0 + kb) * ks0 + hk * ks1;
+              const scalar_t* v_rows = v_ptr + (s.k0 + kb) * vs0 + hk * vs1;
+              pack_panels(true, d, n, k_rows, ks0, kt_panels.data());  // K^T [d, n]
+              pack_panels(true, d, n, v_rows, vs0, vt_panels.data());  // V^T [d, n]
+              pack_panels(false, n, d, k_rows, ks0, k_panels.data());  // K [n, d]
+              float* dk_block = dk_acc.data() + kb * d;
+              float* dv_block = dv_acc.data() + kb * d;
+              for (int64_t i0 = 0; i0 < s.lq; i0 += block_q) {
+                const int64_t rows = std::min(block_q, s.lq - i0);
+                if (key_end(i0 + rows - 1, s.lq, s.lk, p.causal) <= kb) continue;  // no row sees this key block
+                // The forward's scores to the last bit (the same panels, the same order of products), so P matches
+                // the forward's lse.
+                score_tile<scalar_t, float>(p, s, i0, kb, rows, n, d, scale, {qt.data + i0 * qt.ld, qt.ld}, {},
+                                            {nullptr, 0}, {nullptr, 0}, nullptr, kt_panels.data(), probs.data(),
+                                            block_k, [&](int64_t r, float* row, int64_t valid) {
+                                              exp_and_sum(row, valid, shift[i0 + r]);
+                                            });
+                gemm_panels(false, rows, n, d, 1.0f, dot.data + i0 * dot.ld, dot.ld, vt_panels.data(), false,
+                            dprobs.data(), block_k);  // dP = dO V^T
+                for (int64_t r = 0; r < rows; ++r) {
+                  const float* pr = probs.data() + r * block_k;
+                  float* ds = dprobs.data() + r * block_k;
+                  const float dr = delta[i0 + r];
+#pragma omp simd
+                  for (int64_t j = 0; j < n; ++j) ds[j] = scale * pr[j] * (ds[j] - dr);
+                }
+                gemm_panels(true, n, d, rows, 1.0f, probs.data(), block_k, do_panels.data() + i0 * dp, true,
+                            dv_block, d);  // dV += P^T dO
+                gemm_panels(true, n, d, rows, 1.0f, dprobs.data(), block_k, q_panels.data() + i0 * dp, true,
+                            dk_block, d);  // dK += dS^T Q
+                gemm_panels(false, rows, d, n, 1.0f, dprobs.data(), block_k, k_panels.data(), true,
+                            dq_acc.data() + i0 * d, d);  // dQ += dS K
+              }
+            }
+            store_rows(dq_acc.data(), s.lq, d, dq_ptr + (s.q0 * p.heads + h) * d, p.heads * d);
+          }
+          store_rows(dk_acc.data(), s.lk, d, dk_ptr + (s.k0 * p.kv_heads + hk) * d, p.kv_heads * d);
+          store_rows(dv_acc.data(), s.lk, d, dv_ptr + (s.k0 * p.kv_heads + hk) * d, p.kv_heads * d);
+        }
+      });
+      return;
+    }
+  }
+#endif
   const bool half_tiles = use_half_tiles<scalar_t>(d);
   parallel_dynamic(int64_t(tasks.size()), [&](auto next) {
     const int64_t wide = half_tiles ? 0 : 1, half = 1 - wide;  // which buffers this path uses
@@ -424,17 +540,8 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
           const Tile<acc_t> qt = load_tile(q_rows, qs0, rows, d, q_buf.data());
           const scalar_t* do_rows = do_ptr + token0 * dos0 + h * dos1;
           const Tile<acc_t> dot = load_tile(do_rows, dos0, rows, d, do_buf.data());
-          // delta_i = sum_c dO_ic O_ic - dlse_i: the softmax backward's row term (lse's own gradient enters here).
-          for (int64_t r = 0; r < rows; ++r) {
-            const scalar_t* o_row = o_ptr + (token0 + r) * os0 + h * os1;
-            const acc_t* do_row = dot.data + r * dot.ld;
-            acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t c = 0; c < d; ++c) sum += do_row[c] * acc_t(o_row[c]);
-            const int64_t li = h * p.total_q + token0 + r;
-            delta[r] = sum - (dlse_ptr ? dlse_ptr[li] : acc_t(0));
-            shift[r] = backward_shift(lse_ptr[li]);
-          }
+          backward_row_terms(p, h, token0, rows, dot, o_ptr + token0 * os0 + h * os1, os0, lse_ptr, dlse_ptr,
+                             delta.data(), shift.data());
           std::fill(dq_acc.begin(), dq_acc.begin() + rows * d, acc_t(0));
           const int64_t keys = key_end(i0 + rows - 1, s.lq, s.lk, p.causal);
           for (int64_t kb = 0; kb < keys; kb += kBlockK) {
@@ -444,7 +551,8 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
             const auto [k16, kt] = score_operand(half_tiles, k_rows, ks0, n, d, k_buf.data());
             const Tile<acc_t> vt = half_tiles ? Tile<acc_t>{} : load_tile(v_rows, vs0, n, d, v_buf.data());
             // The forward's scores to the last bit, so P matches the forward's lse.
-            score_tile(p, s, i0, kb, rows, n, d, scale, qt, kt, q16, k16, pack.data(), static_cast<const acc_t*>(nullptr), probs.data(),
+            score_tile(p, s, i0, kb, rows, n, d, scale, qt, kt, q16, k16, pack.data(),
+                       static_cast<const acc_t*>(nullptr), probs.data(), kBlockK,
                        [&](int64_t r, acc_t* row, int64_t valid) { exp_and_sum(row, valid, shift[r]); });
             // dV += P^T dO, dP = dO V^T, dS = scale P * (dP - delta), dQ += dS K, dK += dS^T Q. With 16-bit tiles
             // dP and dQ run on 16-bit brgemm (dS rounded to scalar_t for dQ); dV and dK, whose left operands are
@@ -480,25 +588,11 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
             gemm(true, false, n, d, rows, acc_t(1), dprobs.data(), kBlockK, qt.data, qt.ld, acc_t(1),
                  dk_acc.data() + kb * d, d);
           }
-          for (int64_t r = 0; r < rows; ++r) {
-            scalar_t* dq = dq_ptr + ((token0 + r) * p.heads + h) * d;
-            const acc_t* a = dq_acc.data() + r * d;
-#pragma omp simd
-            for (int64_t c = 0; c < d; ++c) dq[c] = scalar_t(a[c]);
-          }
+          store_rows(dq_acc.data(), rows, d, dq_ptr + (token0 * p.heads + h) * d, p.heads * d);
         }
       }
-      for (int64_t j = 0; j < s.lk; ++j) {
-        scalar_t* dk = dk_ptr + ((s.k0 + j) * p.kv_heads + hk) * d;
-        scalar_t* dv = dv_ptr + ((s.k0 + j) * p.kv_heads + hk) * d;
-        const acc_t* ak = dk_acc.data() + j * d;
-        const acc_t* av = dv_acc.data() + j * d;
-#pragma omp simd
-        for (int64_t c = 0; c < d; ++c) {
-          dk[c] = scalar_t(ak[c]);
-          dv[c] = scalar_t(av[c]);
-        }
-      }
+      store_rows(dk_acc.data(), s.lk, d, dk_ptr + (s.k0 * p.kv_heads + hk) * d, p.kv_heads * d);
+      store_rows(dv_acc.data(), s.lk, d, dv_ptr + (s.k0 * p.kv_heads + hk) * d, p.kv_heads * d);
     }
   });
 }
