@@ -248,8 +248,8 @@ def main():
     headers = ["workload", "dtype", "pass", "kept", "ours ms", *(f"{k} ms" for k in PEERS), "ours GFLOP/s",
                "of matmul limit ours / best peer", "x best peer", "x padded", "peak MiB ours / padded"]
     table = markdown_table(headers, rows)
-    print("matmul 1024^3: " + ", ".join(
-        f"{d.replace('torch.', '')} {r['gflop_per_s']:.0f} GFLOP/s ({r['path']}; "
+    print("matmul: " + ", ".join(
+        f"{d.replace('torch.', '')} {r['gflop_per_s']:.0f} GFLOP/s ({r['n']}^3, {r['path']}; "
         + ", ".join(f"{k} {v['gflop_per_s']:.0f}" for k, v in r["by_path"].items()) + ")" for d, r in limits.items())
         + f", {torch.get_num_threads()} threads; matmul limit used (the faster of the dtype's and float32's): "
         + ", ".join(f"{d.replace('torch.', '')} {v:.0f} GFLOP/s" for d, v in mm.items()))
