@@ -203,9 +203,9 @@ def main():
     print(f"CPU: {cpu['model']} ({cpu['isa']}; ATen capability {cpu['aten_capability']}), "
           f"varlen_attention CPU path: {cpu['path']}")
 
-    # float32's limit is the best of three sizes (on this project's AMD machine MKL's rate still rose 60% from 1024
-    # to 3072, and the 1024 one was below our kernel's); a bfloat16 matmul without 16-bit dot products is too
-    # slow to time at 3072 and is below float32's anyway (usable_matmul_limit).
+    # float32's limit is the best of three sizes (on this project's AMD machine 107 GFLOP/s at 1024^3, below our
+    # kernel's rate, and 132 at 3072^3); a bfloat16 matmul without 16-bit dot products is too slow to time at 3072
+    # and is below float32's anyway (usable_matmul_limit).
     limits = {str(torch.float32): max((matmul_rate(n, torch.float32) for n in (1024, 2048, 3072)),
                                       key=lambda r: r["gflop_per_s"]),
               str(torch.bfloat16): matmul_rate(1024, torch.bfloat16)}
