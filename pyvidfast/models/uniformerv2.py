@@ -35,7 +35,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from pyvidfast import ops
-from pyvidfast.models.layers import DataConfig, DropPath, attention, drop_path_rates
+from pyvidfast.models.layers import DataConfig, DropPath, Packing, attention, drop_path_rates
 from pyvidfast.models.registry import read_hf_config, read_state_dict, register_model
 from pyvidfast.profiling import nvtx_range
 
@@ -124,9 +124,9 @@ class MultiheadAttention(nn.Module):
         out = ops.varlen_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, length, length)
         return self.out_proj(out.view(rows, length, -1))
 
-    def cross(self, query: Tensor, context: Tensor, lengths: list[int] | None = None) -> Tensor:
+    def cross(self, query: Tensor, context: Tensor, packing: Packing | None = None) -> Tensor:
         """One query per clip attending over its clip's context: query [B, 1, C]; context [B, M, C] (dense) or
-        packed [sum M_b, C] with the clips' token counts ``lengths``; returns [B, 1, C].
+        packed [sum M_b, C] with the clips' bounds in ``packing``; returns [B, 1, C].
 
         Dense, the projections move off the context, the same result with no [M, 2C] keys and values computed or
         kept: the key projection folds into the query (scores = context @ (W_k^T q); the key bias adds one
@@ -140,7 +140,7 @@ class MultiheadAttention(nn.Module):
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         q = F.linear(query[:, 0], w_q, b_q).view(-1, heads, head_dim)
-        if lengths is None:
+        if packing is None:
             q_keys = torch.einsum("bhd,hdc->bhc", q * head_dim ** -0.5, w_k.view(heads, head_dim, dim))  # [B, H, C]
             pooled = _softmax_pool(q_keys, context)
             out = torch.einsum("bhc,hdc->bhd", pooled, w_v.view(heads, head_dim, dim)) + b_v.view(heads, head_dim)
@@ -148,8 +148,7 @@ class MultiheadAttention(nn.Module):
             k = F.linear(context, w_k, b_k).view(-1, heads, head_dim)
             v = F.linear(context, w_v, b_v).view(-1, heads, head_dim)
             cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
-            cu_k = F.pad(torch.tensor(lengths, device=q.device).cumsum(0), (1, 0)).to(torch.int32)
-            out = ops.varlen_attention(q, k, v, cu_q, cu_k, 1, max(lengths))
+            out = ops.varlen_attention(q, k, v, cu_q, packing.cu_seqlens, 1, packing.max_seqlen)
         return self.out_proj(out.flatten(-2))[:, None]
 
 
@@ -387,9 +386,9 @@ class Extractor(nn.Module):
         nn.init.zeros_(self.mlp.c_proj.weight)
         nn.init.zeros_(self.mlp.c_proj.bias)
 
-    def forward(self, query: Tensor, context: Tensor, lengths: list[int] | None = None):
-        """query [B, 1, C]; context [B, M, C], or packed [sum M_b, C] with the clips' token counts ``lengths``."""
-        query = query + self.drop_path(self.attn.cross(self.ln_1(query), self.ln_3(context), lengths))
+    def forward(self, query: Tensor, context: Tensor, packing: Packing | None = None):
+        """query [B, 1, C]; context [B, M, C], or packed [sum M_b, C] with the clips' bounds in ``packing``."""
+        query = query + self.drop_path(self.attn.cross(self.ln_1(query), self.ln_3(context), packing))
         return query + self.drop_path(self.mlp(self.ln_2(query)))
 
 
@@ -440,7 +439,8 @@ class Transformer(nn.Module):
         """x: stem tokens [F, 1 + HW, C] of clips with ``frames`` frames each -> logits [len(frames), classes]."""
         num_clips, dim = len(frames), x.shape[-1]
         uniform = _is_uniform(frames)
-        lengths = None if uniform else [t * x.shape[1] for t in frames]  # packed context: frames[b] * (1 + HW)
+        # packed context: clip b owns frames[b] * (1 + HW) tokens
+        packing = None if uniform else Packing.from_lengths([t * x.shape[1] for t in frames], device=x.device)
         query = self.temporal_cls_token.to(x.dtype).expand(num_clips, 1, dim)
         j = 0
         with nvtx_range("uniformerv2.backbone"):
@@ -453,7 +453,7 @@ class Transformer(nn.Module):
                     with nvtx_range("uniformerv2.global"):
                         context = self._global_context(x, j, frames)
                         context = context.view(num_clips, -1, dim) if uniform else context.flatten(0, 1)
-                        query = self.dec[j](query, context, lengths)
+                        query = self.dec[j](query, context, packing)
                     j += 1
         with nvtx_range("uniformerv2.head"):
             query = query[:, 0]
@@ -537,8 +537,8 @@ class UniFormerV2(nn.Module):
     def forward_packed(self, clips: list[Tensor]) -> Tensor:
         """Clips of different frame counts in one call, without padding: ``clips`` is a list of normalized
         ``[3, T_b, H, W]`` tensors; returns logits ``[len(clips), num_classes]``, equal to calling the model on each
-        clip alone. The backbone runs on all frames together, the temporal convs and the global cross-attention's
-        pooling per clip."""
+        clip alone. The backbone runs on all frames together, the temporal convs per clip, and the global
+        cross-attention through ``varlen_attention`` (one query per clip)."""
         if not clips:
             raise ValueError("clips: expected at least one clip")
         for b, clip in enumerate(clips):
