@@ -387,6 +387,13 @@ void backward_row_terms(const Params& p, int64_t h, int64_t token0, int64_t rows
   }
 }
 
+// dS = scale P (dP - delta) in place of dP, for the n keys of one query row.
+template <typename acc_t>
+void softmax_grad_row(const acc_t* probs_row, acc_t* dprobs_row, int64_t n, acc_t scale, acc_t delta) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dprobs_row[j] = scale * probs_row[j] * (dprobs_row[j] - delta);
+}
+
 // dst row r = src row r (float32 accumulators, d per row) in scalar_t, for rows `stride` elements apart.
 template <typename scalar_t, typename acc_t>
 void store_rows(const acc_t* src, int64_t rows, int64_t d, scalar_t* dst, int64_t stride) {
@@ -495,11 +502,7 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
                 gemm_panels(false, rows, n, d, 1.0f, dot.data + i0 * dot.ld, dot.ld, vt_panels.data(), false,
                             dprobs.data(), block_k);  // dP = dO V^T
                 for (int64_t r = 0; r < rows; ++r) {
-                  const float* pr = probs.data() + r * block_k;
-                  float* ds = dprobs.data() + r * block_k;
-                  const float dr = delta[i0 + r];
-#pragma omp simd
-                  for (int64_t j = 0; j < n; ++j) ds[j] = scale * pr[j] * (ds[j] - dr);
+                  softmax_grad_row(probs.data() + r * block_k, dprobs.data() + r * block_k, n, scale, delta[i0 + r]);
                 }
                 gemm_panels(true, n, d, rows, 1.0f, probs.data(), block_k, do_panels.data() + i0 * dp, true,
                             dv_block, d);  // dV += P^T dO
@@ -569,11 +572,8 @@ void backward_typed(const Params& p, const at::Tensor& grad_out, const at::Tenso
                    kBlockK);
             }
             for (int64_t r = 0; r < rows; ++r) {
-              const acc_t* pr = probs.data() + r * kBlockK;
               acc_t* ds = dprobs.data() + r * kBlockK;
-              const acc_t dr = delta[r];
-#pragma omp simd
-              for (int64_t j = 0; j < n; ++j) ds[j] = scale * pr[j] * (ds[j] - dr);
+              softmax_grad_row(probs.data() + r * kBlockK, ds, n, scale, delta[r]);
               if (half_tiles) to_half_row(ds, n, dprobs16.data() + r * kBlockK);
             }
             if constexpr (sizeof(scalar_t) == 2) {
